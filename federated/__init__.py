@@ -1,0 +1,1 @@
+"""Flower federated training across hospital sites (reuses medseg's training step)."""
