@@ -138,10 +138,8 @@ def _locations_for_file(path: Path) -> Iterator[InstanceLocation | SkippedFile]:
     yield InstanceLocation(path=path)
 
 
-def _dicomdir_members(location: InstanceLocation, header: Dataset) -> list[Path]:
-    """Files a DICOMDIR references (PS3.3 F.3), resolved against its folder."""
-    assert location.path is not None
-    root = location.path.parent
+def _dicomdir_members(root: Path, header: Dataset) -> list[Path]:
+    """Files a DICOMDIR references (PS3.3 F.3), resolved against the file-set root."""
     out: list[Path] = []
     for record in header.get("DirectoryRecordSequence", []):
         ids = record.get("ReferencedFileID")
@@ -159,14 +157,14 @@ def discover(source: Source, *, progress: ProgressCallback | None = None) -> Dis
     """
     locations: list[InstanceLocation] = []
     skipped: list[SkippedFile] = []
-    explicit_dicomdirs: list[InstanceLocation] = []
+    dicomdir_roots: dict[InstanceLocation, Path] = {}  # DICOMDIRs to follow -> their file-set root
     for item in _iter_locations(source):
         if isinstance(item, SkippedFile):
             skipped.append(item)
         else:
             locations.append(item)
     if isinstance(source, str | Path) and Path(source).is_file() and len(locations) == 1:
-        explicit_dicomdirs = locations  # a single file given: if it is a DICOMDIR, follow it
+        dicomdir_roots[locations[0]] = Path(source).parent  # a single file given: a DICOMDIR is followed
 
     instances: list[InstanceHeader] = []
     seen: dict[str, str] = {}
@@ -184,8 +182,15 @@ def discover(source: Source, *, progress: ProgressCallback | None = None) -> Dis
             continue
         sop_class = str(getattr(header.get("file_meta", Dataset()), "MediaStorageSOPClassUID", ""))
         if sop_class == MEDIA_STORAGE_DIRECTORY:
-            if location in explicit_dicomdirs:
-                queue.extend(InstanceLocation(path=p) for p in _dicomdir_members(location, header))
+            if location in dicomdir_roots:
+                root = dicomdir_roots[location]
+                for member in _dicomdir_members(root, header):
+                    if not member.is_file():
+                        skipped.append(SkippedFile(str(member), f"referenced by {location.name} but missing"))
+                        continue
+                    followed = InstanceLocation(path=member)
+                    dicomdir_roots[followed] = root  # nested directory files (Philips DIRFILE) too
+                    queue.append(followed)
             else:
                 skipped.append(SkippedFile(location.name, "DICOMDIR index file, not an image"))
             continue

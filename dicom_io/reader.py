@@ -67,6 +67,7 @@ class Refusal:
     series_description: str
     split_label: str
     reason: str
+    error: DicomIOError = field(repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,9 @@ def read_volumes(
         except DicomIOError as err:
             log.warning("%s", err)
             refusals.append(
-                Refusal(entry.series_instance_uid, entry.series_description, candidate.split_label, str(err))
+                Refusal(
+                    entry.series_instance_uid, entry.series_description, candidate.split_label, str(err), err
+                )
             )
         if progress is not None:
             progress(i + 1, len(candidates))
@@ -176,7 +179,7 @@ def read_volume(source: Source, options: ReadOptions | None = None) -> ImageVolu
         + [f"refused {r.series_instance_uid}: {r.reason}" for r in result.refusals]
     )
     if not result.volumes and len(result.refusals) == 1:
-        raise DicomIOError(result.refusals[0].reason)
+        raise result.refusals[0].error
     raise DicomIOError(
         f"{source}: expected exactly one image volume, found {len(result.volumes)} "
         f"({found or 'no image series'}); select one series or use read_volumes()"
