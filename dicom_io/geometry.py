@@ -245,13 +245,15 @@ def _resample_plan(
     rel = distances - distances[0]
     gaps = np.diff(rel)
     actions = []
-    spacing = float(gaps.min())
-    count = math.ceil((rel[-1] - 0.5 * (rel[-1] - rel[-2])) / spacing)
-    if count > 2 * len(rel):
-        count = 2 * len(rel)
-        spacing = float(rel[-1] / (count - 1))
-    count = max(count, 2)
-    if not np.allclose(gaps, gaps[0], rtol=0.01):
+    if np.allclose(gaps, gaps[0], rtol=0.01):
+        spacing, count = float(np.mean(gaps)), len(rel)
+    else:
+        spacing = float(gaps.min())
+        count = math.ceil((rel[-1] - 0.5 * (rel[-1] - rel[-2])) / spacing)
+        if count > 2 * len(rel):
+            count = 2 * len(rel)
+            spacing = float(rel[-1] / (count - 1))
+        count = max(count, 2)
         actions.append(
             f"slice spacing {gaps.min():.4g}-{gaps.max():.4g} mm resampled to uniform {spacing:.4g} mm "
             f"({len(rel)} -> {count} slices, linear interpolation along the normal)"
