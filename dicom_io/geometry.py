@@ -137,30 +137,38 @@ def plan_geometry(frames: Sequence[FrameHeader], options: GeometryOptions, serie
         + ("" if uneven else f" within {options.spacing_tolerance:.0%} of {median_gap:.4g} mm")
     )
     checks.append(f"gantry tilt {tilt:.3f}° (tolerance {options.tilt_tolerance_degrees}°)")
-    report_base = dict(
-        slice_count=len(frames),
-        spacing_min_mm=float(gaps.min()),
-        spacing_max_mm=float(gaps.max()),
-        tilt_degrees=tilt,
-    )
     if not uneven and not tilted:
         step = (positions[-1] - positions[0]) / (len(frames) - 1)
         affine = _affine(positions[0], step, in_plane)
-        report = GeometryReport(
-            slice_spacing_mm=float(np.linalg.norm(step)), checks=tuple(checks), **report_base
-        )
+        report = _report(len(frames), float(np.linalg.norm(step)), gaps, tilt, checks, [])
         return GeometryPlan(tuple(int(i) for i in order), affine, report, None)
 
     plan, actions = _resample_plan(
         positions, distances, normal, row_dir, col_dir, row_spacing, col_spacing, first
     )
-    report = GeometryReport(
-        slice_spacing_mm=float(np.linalg.norm(plan.target_affine[:3, 0])),
-        checks=tuple(checks),
-        resampled=tuple(actions),
-        **report_base,
+    report = _report(
+        len(frames), float(np.linalg.norm(plan.target_affine[:3, 0])), gaps, tilt, checks, actions
     )
     return GeometryPlan(tuple(int(i) for i in order), plan.target_affine, report, plan)
+
+
+def _report(
+    count: int,
+    spacing: float,
+    gaps: npt.NDArray[np.float64],
+    tilt: float,
+    checks: list[str],
+    actions: list[str],
+) -> GeometryReport:
+    return GeometryReport(
+        slice_count=count,
+        slice_spacing_mm=spacing,
+        spacing_min_mm=float(gaps.min()),
+        spacing_max_mm=float(gaps.max()),
+        tilt_degrees=tilt,
+        checks=tuple(checks),
+        resampled=tuple(actions),
+    )
 
 
 def _affine(

@@ -45,9 +45,11 @@ def write_nifti(volume: ImageVolume, path: str | Path) -> Path:
 def load_nifti_lps(path: str | Path) -> tuple[npt.NDArray[Any], npt.NDArray[np.float64]]:
     """Read a NIfTI file back into the product's convention: (slice, row, column) array, LPS affine."""
     img = nib.load(str(path))
-    data = np.asanyarray(img.dataobj)  # type: ignore[attr-defined]
-    if img.header.get_slope_inter() != (None, None):  # type: ignore[attr-defined]
-        data = img.get_fdata(dtype=np.float32)  # type: ignore[attr-defined]
+    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+        raise ValueError(f"{path}: not a NIfTI image ({type(img).__name__})")
+    data = np.asanyarray(img.dataobj)
+    if img.header.get_slope_inter() != (None, None):
+        data = img.get_fdata(dtype=np.float32)
     if data.ndim != 3:
         raise ValueError(f"{path}: expected a 3-D NIfTI image, got shape {data.shape}")
     affine_lps = LPS_TO_RAS @ np.asarray(img.affine, dtype=np.float64) @ _SWAP

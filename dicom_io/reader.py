@@ -194,9 +194,17 @@ def _decode_frame(
     if frame.frame_number is not None and inst.name in decoded:
         return decoded[inst.name][frame.frame_number - 1], inst.header
     _check_decoder(inst, ts)
-    ds = inst.location.read(stop_before_pixels=False)
+    location = inst.location
     try:
-        pixels = ds.pixel_array
+        if location.path is not None and location.zip_member is None:
+            # reads only the pixel-describing elements and the pixel data itself: no second full parse
+            ds = inst.header
+            pixels = pydicom.pixels.pixel_array(location.path)
+        else:
+            ds = location.read(stop_before_pixels=False)
+            pixels = ds.pixel_array
+    except DicomIOError:
+        raise
     except Exception as err:  # decoders raise many types; all mean "these pixels cannot be decoded"
         raise PixelDecodeError(
             f"{inst.name}: pixel data cannot be decoded (transfer syntax {ts or 'unknown'}): {err}"

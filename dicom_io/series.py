@@ -370,7 +370,7 @@ def build_inventory(discovery: Discovery, *, include_derived: bool = False) -> I
             else:
                 usable.extend(frame_headers(inst))
         candidates = _split_candidates(usable, excluded)
-        notes = ()
+        notes: tuple[str, ...] = ()
         if series_uid.startswith(UNIDENTIFIED_SERIES_PREFIX):
             notes = (
                 "SeriesInstanceUID (0020,000E) is empty: instances grouped by FrameOfReferenceUID, "

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "convert",
         help="convert every readable volume to NIfTI (RAS) with a JSON sidecar, as dcm2niix does",

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "inspect",
         help="list studies and series in a folder/zip/DICOMDIR, and what would be read as a volume",
