@@ -77,12 +77,8 @@ def main() -> None:
     ratio = statistics.median(ours) / statistics.median(theirs)
     memory = peak / volume.array.nbytes
     print(f"series: 512x512x{args.slices} CT, uncompressed, {args.repeats} repetitions")
-    print(
-        f"dicom_io.read_volume : median {statistics.median(ours):.3f} s  (all {[round(x, 3) for x in ours]})"
-    )
-    print(
-        f"SimpleITK series read: median {statistics.median(theirs):.3f} s  (all {[round(x, 3) for x in theirs]})"
-    )
+    for name, times in (("dicom_io.read_volume ", ours), ("SimpleITK series read", theirs)):
+        print(f"{name}: median {statistics.median(times):.3f} s  (all {[round(x, 3) for x in times]})")
     print(f"time ratio ours/SimpleITK = {ratio:.2f} (target <= 1.0)")
     print(
         f"peak traced memory / volume size = {memory:.2f} (target <= 2.0); same voxels as SimpleITK: {agree}"
