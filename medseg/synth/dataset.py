@@ -29,6 +29,7 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from dicom_io.image_writer import MRAcquisition, SeriesHeader, deterministic_uid, write_image_series
+from dicom_io.nifti import array_to_nifti, load_nifti_lps
 from dicom_io.volume import Modality
 from medseg.synth.anatomy import (
     ContrastPhase,
@@ -50,7 +51,6 @@ ProgressCallback = Callable[[int, int], None]  # (cases done, total)
 
 MANIFEST_NAME = "manifest.json"
 GENERATOR = "medseg synth"
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # In-plane directions (row direction, column direction) of ImageOrientationPatient per position.
 _ORIENTATION = {
     PatientPosition.HFS: ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0)),
@@ -329,11 +329,7 @@ def synthesize_case(
 def label_map_nifti(labels: npt.NDArray[np.uint8], affine_lps: npt.NDArray[np.float64]) -> nib.Nifti1Image:
     """The label map as NIfTI on the same grid: voxel axes (column, row, slice) as dcm2niix writes them,
     affine converted from LPS to RAS (NIfTI's world space) by negating the first two world axes."""
-    data = np.ascontiguousarray(labels.transpose(2, 1, 0))
-    ras = _LPS_TO_RAS @ affine_lps[:, [2, 1, 0, 3]]
-    img = nib.Nifti1Image(data, ras)
-    img.set_qform(ras, code=1)
-    img.set_sform(ras, code=1)
+    img = array_to_nifti(labels, affine_lps)
     img.header.set_xyzt_units("mm")
     return img
 
@@ -341,14 +337,10 @@ def label_map_nifti(labels: npt.NDArray[np.uint8], affine_lps: npt.NDArray[np.fl
 def load_label_map(path: Path | str) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float64]]:
     """Read a label map written by ``label_map_nifti``: array (slices, rows, columns) and its LPS affine."""
     try:
-        img = nib.load(str(path))
-    except (OSError, nib.filebasedimages.ImageFileError) as err:
+        data, lps = load_nifti_lps(path)
+    except (OSError, ValueError, nib.filebasedimages.ImageFileError) as err:
         raise DatasetError(f"{path}: cannot read label map: {err}") from err
-    if not isinstance(img, nib.Nifti1Image):
-        raise DatasetError(f"{path}: expected a NIfTI-1 label map, got {type(img).__name__}")
-    data = np.asarray(img.dataobj, dtype=np.uint8).transpose(2, 1, 0)
-    lps = (_LPS_TO_RAS @ np.asarray(img.affine, dtype=np.float64))[:, [2, 1, 0, 3]]
-    return np.ascontiguousarray(data), lps
+    return np.ascontiguousarray(data, dtype=np.uint8), lps
 
 
 def load_lesions(path: Path | str) -> LesionList:

@@ -34,7 +34,7 @@ DX_MONOCHROME1 = DATA / "highdicom" / "data" / "test_files" / "dx_image.dcm"
 
 def _read(path: Path) -> tuple[Dataset, npt.NDArray[np.int64]]:
     if not path.exists():
-        pytest.skip(f"shared test data not found: {path}")
+        pytest.fail(f"shared test data not found: {path}")
     ds = pydicom.dcmread(path)
     return ds, ds.pixel_array.astype(np.int64)
 
@@ -127,7 +127,7 @@ def test_presentation_matches_dcmtk(path: Path, tmp_path: Path) -> None:
     """DCMTK's dcmj2pnm (first VOI window, its own polarity rules) renders the same grey levels."""
     exe = shutil.which("dcmj2pnm")
     if exe is None:
-        pytest.skip("dcmj2pnm (DCMTK) is not installed")
+        pytest.fail("dcmj2pnm (DCMTK) is not installed: run scripts/setup.sh")
     ds, raw = _read(path)
     pgm = tmp_path / "rendered.pgm"
     subprocess.run([exe, "--use-window", "1", "--write-raw-pnm", str(path), str(pgm)], check=True)
