@@ -17,6 +17,9 @@ SUBCOMMAND_MODULES = (
     "medseg.commands.inspect",
     "medseg.commands.convert",
     "medseg.synth.command",
+    "medseg.commands.train",
+    "medseg.commands.run",
+    "medseg.commands.demo",
 )
 
 

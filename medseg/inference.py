@@ -1,0 +1,293 @@
+"""Segmentation with Monte-Carlo uncertainty: ImageVolume + Model -> Prediction on the source grid.
+
+Resample to the model grid, tile with MONAI's ``sliding_window_inference`` using a Monte-Carlo predictor
+(``medseg.uncertainty``), resample probabilities and uncertainty back onto the source grid, and measure
+each structure there. Device chosen automatically; mixed precision on CUDA.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F
+from monai.inferers import sliding_window_inference
+from scipy import ndimage
+
+from dicom_io.ai_result import LesionFinding, StructureMeasurements
+from dicom_io.volume import ImageVolume, IntensityUnit
+from medseg.model import Model
+from medseg.model_spec import ModelSpec, ReviewSpec
+from medseg.preprocess import ModelGrid, argmax_to_source, map_to_source, to_model
+from medseg.uncertainty import MonteCarloSampler, SampleStructureStats, entropy, prepare_sampling
+
+log = logging.getLogger(__name__)
+
+StageCallback = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What the model says about one volume, on the source grid, with its uncertainty.
+
+    ``label_map``, ``entropy`` (predictive, nats) and ``mutual_information`` (epistemic, nats) are on
+    the source grid; ``mean_probabilities`` (C, X, Y, Z) stays on the model grid ``grid`` (a source-sized
+    copy per class would cost C times the volume). ``seed`` replays the dropout masks.
+    """
+
+    source: ImageVolume
+    label_map: npt.NDArray[np.uint8]
+    entropy: npt.NDArray[np.float32]
+    mutual_information: npt.NDArray[np.float32]
+    mean_probabilities: torch.Tensor
+    grid: ModelGrid
+    structures: tuple[StructureMeasurements, ...]
+    lesions: tuple[LesionFinding, ...]
+    samples: int
+    seed: int
+    model_name: str
+    model_version: str
+    device: str
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        flagged = [m.label for m in self.structures if m.needs_review]
+        return (
+            f"Prediction({self.model_name} {self.model_version} on {self.source.array.shape}, "
+            f"{self.samples} samples, {len(self.structures)} structures, review {flagged}, "
+            f"{len(self.lesions)} lesions)"
+        )
+
+
+def _pad_to_roi(image: torch.Tensor, roi: Sequence[int]) -> tuple[torch.Tensor, list[slice]]:
+    """Pad (B, C, X, Y, Z) symmetrically to at least ``roi`` so window coordinates are unpadded ones."""
+    pads: list[int] = []
+    crop: list[slice] = []
+    for size, r in zip(reversed(image.shape[2:]), reversed(list(roi)), strict=True):
+        diff = max(r - size, 0)
+        pads += [diff // 2, diff - diff // 2]
+    for size, r in zip(image.shape[2:], roi, strict=True):
+        diff = max(r - size, 0)
+        crop.append(slice(diff // 2, diff // 2 + size))
+    return (F.pad(image, pads) if any(pads) else image), crop
+
+
+def _window_weights(shape: Sequence[int], spec: ModelSpec) -> torch.Tensor:
+    """1 / number of windows covering each voxel, from the windows MONAI will visit."""
+    count = torch.zeros(tuple(shape), dtype=torch.float32)
+    roi = spec.inference.roi_size
+
+    def record(window: torch.Tensor, locations: Sequence[Sequence[slice]]) -> torch.Tensor:
+        for location in locations:
+            count[tuple(location[2:])] += 1
+        return torch.zeros((window.shape[0], 1, *roi))
+
+    sliding_window_inference(
+        torch.zeros((1, 1, *shape)), roi, 1, record, overlap=spec.inference.overlap, with_coord=True
+    )
+    return 1.0 / count.clamp_min(1.0)
+
+
+def _boundary(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+    return mask & ~ndimage.binary_erosion(mask)
+
+
+def measure_structures(
+    source: ImageVolume,
+    label_map: npt.NDArray[np.uint8],
+    entropy_map: npt.NDArray[np.float32],
+    mi_map: npt.NDArray[np.float32],
+    samples: SampleStructureStats,
+    model_voxel_ml: float,
+    spec: ModelSpec,
+) -> tuple[StructureMeasurements, ...]:
+    """Per-structure volume, intensity and uncertainty on the source grid, with review flags."""
+    voxel_ml = float(abs(np.linalg.det(source.affine[:3, :3]))) / 1000.0
+    objects = ndimage.find_objects(label_map, max_label=spec.num_classes - 1)
+    out = []
+    for label in spec.labels:
+        box = objects[label.value - 1]
+        sample_volumes = samples.volumes[:, label.value].numpy() * model_voxel_ml
+        spread = float(sample_volumes.std()) if len(sample_volumes) > 1 else 0.0
+        agreement = float(samples.agreement[label.value])
+        if box is None:
+            out.append(
+                StructureMeasurements(
+                    label=label.value,
+                    volume_ml=0.0,
+                    mean_intensity=None,
+                    mean_entropy=0.0,
+                    mean_mutual_information=0.0,
+                    boundary_entropy=0.0,
+                    volume_spread_ml=spread,
+                    sample_agreement=agreement,
+                    needs_review=False,
+                )
+            )
+            continue
+        mask = label_map[box] == label.value
+        volume_ml = float(mask.sum()) * voxel_ml
+        shell = _boundary(mask)
+        mean_entropy = float(entropy_map[box][mask].mean())
+        mean_mi = float(mi_map[box][mask].mean())
+        boundary_entropy = float(entropy_map[box][shell].mean()) if shell.any() else mean_entropy
+        intensity = (
+            float(source.array[box][mask].mean()) if source.unit is not IntensityUnit.MR_STORED else None
+        )
+        reasons = _review_reasons(
+            spec.review, mean_entropy, boundary_entropy, mean_mi, agreement, spread, volume_ml
+        )
+        out.append(
+            StructureMeasurements(
+                label=label.value,
+                volume_ml=volume_ml,
+                mean_intensity=intensity,
+                mean_entropy=mean_entropy,
+                mean_mutual_information=mean_mi,
+                boundary_entropy=boundary_entropy,
+                volume_spread_ml=spread,
+                sample_agreement=agreement,
+                needs_review=bool(reasons),
+                review_reasons=reasons,
+            )
+        )
+    return tuple(out)
+
+
+def _review_reasons(
+    review: ReviewSpec,
+    mean_entropy: float,
+    boundary_entropy: float,
+    mean_mi: float,
+    agreement: float,
+    spread_ml: float,
+    volume_ml: float,
+) -> tuple[str, ...]:
+    checks = (
+        (
+            mean_entropy > review.max_mean_entropy,
+            f"mean entropy {mean_entropy:.3f} > {review.max_mean_entropy}",
+        ),
+        (
+            boundary_entropy > review.max_boundary_entropy,
+            f"boundary entropy {boundary_entropy:.3f} > {review.max_boundary_entropy}",
+        ),
+        (
+            mean_mi > review.max_mean_mutual_information,
+            f"mutual information {mean_mi:.3f} > {review.max_mean_mutual_information}",
+        ),
+        (
+            agreement < review.min_sample_agreement,
+            f"sample agreement {agreement:.3f} < {review.min_sample_agreement}",
+        ),
+        (
+            volume_ml > 0 and spread_ml / volume_ml > review.max_volume_cv,
+            f"volume spread {spread_ml:.1f}/{volume_ml:.1f} mL > {review.max_volume_cv:.0%}",
+        ),
+    )
+    return tuple(reason for failed, reason in checks if failed)
+
+
+def infer(
+    volume: ImageVolume,
+    model: Model,
+    *,
+    samples: int | None = None,
+    seed: int | None = None,
+    device: torch.device | None = None,
+    stage: StageCallback | None = None,
+) -> Prediction:
+    """Segment ``volume`` with Monte-Carlo dropout (``samples`` = 1 gives one deterministic pass)."""
+    spec = model.spec
+    n = spec.uncertainty.samples if samples is None else samples
+    if n < 1:
+        raise ValueError(f"samples must be >= 1, got {n}")
+    seed = spec.uncertainty.seed if seed is None else seed
+    device = device or next(model.network.parameters()).device
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    def mark(name: str) -> None:
+        nonlocal t0
+        now = time.perf_counter()
+        seconds[name] = now - t0
+        t0 = now
+        if stage:
+            stage(name)
+
+    model_input = to_model(volume, spec)
+    image, crop = _pad_to_roi(model_input.image[None], spec.inference.roi_size)
+    mark("resample to model grid")
+
+    net = model.network.to(device)
+    prepare_sampling(net, enabled=n > 1)
+    weights = _window_weights(image.shape[2:], spec).to(device)
+    sampler = MonteCarloSampler(
+        net,
+        samples=n,
+        stochastic=spec.uncertainty.stochastic,
+        num_classes=spec.num_classes,
+        weights=weights,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    torch.manual_seed(seed)  # dropout inside the trunk (stochastic: all) draws from the global generator
+    autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
+    with torch.inference_mode(), autocast:
+        out = sliding_window_inference(
+            image.to(device),
+            spec.inference.roi_size,
+            spec.inference.sw_batch_size,
+            sampler,
+            overlap=spec.inference.overlap,
+            mode="constant",
+            with_coord=True,
+        )
+    assert isinstance(out, torch.Tensor)
+    window: tuple[Any, ...] = (0, slice(None), *crop)
+    out = out[window].float().cpu()
+    c = spec.num_classes
+    mean_p = out[:c]
+    predictive = entropy(mean_p, dim=0)
+    mutual = out[2 * c].clamp_min(0.0)
+    mark("network")
+
+    label_map = argmax_to_source(mean_p, model_input.grid)
+    entropy_map = map_to_source(predictive, model_input.grid).astype(np.float32)
+    mi_map = map_to_source(mutual, model_input.grid).astype(np.float32)
+    np.maximum(entropy_map, 0, out=entropy_map)
+    np.maximum(mi_map, 0, out=mi_map)
+    mark("resample to source grid")
+
+    structures = measure_structures(
+        volume,
+        label_map,
+        entropy_map,
+        mi_map,
+        sampler.structure_stats(),
+        model_input.grid.voxel_volume_ml,
+        spec,
+    )
+    mark("measure structures")
+    return Prediction(
+        source=volume,
+        label_map=label_map,
+        entropy=entropy_map,
+        mutual_information=mi_map,
+        mean_probabilities=mean_p,
+        grid=model_input.grid,
+        structures=structures,
+        lesions=(),
+        samples=n,
+        seed=seed,
+        model_name=spec.name,
+        model_version=spec.version,
+        device=str(device),
+        seconds=seconds,
+    )

@@ -1,0 +1,233 @@
+"""Models as configuration: a YAML spec (``configs/models/*.yaml``) validated once into frozen objects.
+
+A spec says which MONAI network to build and with which arguments, how to bring a volume onto the
+network's grid (spacing, orientation, intensity transform per modality), how to tile it (ROI, overlap),
+what each output channel means (label value, name, SNOMED CT codes, colour), how Monte-Carlo sampling is
+done and when a structure needs review. Hyperparameters are fields, never subclasses; the network is
+chosen from a closed list, never looked up by a class name from the file (STYLE.md 8).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydicom.sr.coding import Code
+
+from dicom_io.volume import Modality
+
+MODELS_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
+
+Positive = Annotated[float, Field(gt=0)]
+Probability = Annotated[float, Field(ge=0, le=1)]
+
+
+class ModelSpecError(ValueError):
+    """A model spec is missing or invalid (the message names the file, the field and the bad value)."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Architecture(StrEnum):
+    """The MONAI networks a spec may name (``monai.networks.nets``)."""
+
+    UNET = "unet"
+    SEGRESNET = "segresnet"
+    DYNUNET = "dynunet"
+    SWINUNETR = "swinunetr"
+
+
+class NetworkSpec(_Frozen):
+    """The trunk network and its constructor arguments, plus the width of the features it hands the head.
+
+    The trunk is built with ``out_channels = features``; a small head (activation, dropout, 1x1x1
+    convolution to one channel per class) turns features into logits. Keeping dropout in the head lets
+    Monte-Carlo sampling run the trunk once per window (see ``UncertaintySpec.stochastic``).
+    """
+
+    architecture: Architecture
+    arguments: dict[str, Any] = Field(default_factory=dict)
+    features: int = Field(default=16, ge=1, le=512)
+
+    @model_validator(mode="after")
+    def _no_reserved_arguments(self) -> NetworkSpec:
+        reserved = {"spatial_dims", "in_channels", "out_channels"} & set(self.arguments)
+        if reserved:
+            raise ValueError(f"network.arguments must not set {sorted(reserved)}: the spec derives them")
+        return self
+
+
+class IntensityKind(StrEnum):
+    WINDOW = "window"  # clip to [low, high] then map to [-1, 1]: physical units (HU) are comparable
+    PERCENTILE = "percentile"  # per-volume percentiles to [0, 1]: MR has no absolute scale
+    ZSCORE = "zscore"  # per-volume mean/std over voxels above the 1st percentile
+
+
+class IntensitySpec(_Frozen):
+    """Network normalization for one modality (physical units come from dicom_io; this is the model's)."""
+
+    kind: IntensityKind
+    low: float | None = None
+    high: float | None = None
+
+    @model_validator(mode="after")
+    def _bounds(self) -> IntensitySpec:
+        if self.kind in (IntensityKind.WINDOW, IntensityKind.PERCENTILE):
+            if self.low is None or self.high is None or not self.low < self.high:
+                raise ValueError(f"{self.kind} needs low < high, got low={self.low} high={self.high}")
+            if self.kind is IntensityKind.PERCENTILE and not (self.low >= 0 and self.high <= 100):
+                raise ValueError(f"percentiles must lie in [0, 100], got {self.low}, {self.high}")
+        return self
+
+
+class Orientation(StrEnum):
+    LPS = "LPS"  # axes permuted/flipped so that indices grow to patient left, posterior, superior
+    SOURCE = "source"  # keep the source's slice/row/column axes
+
+
+class PreprocessingSpec(_Frozen):
+    spacing_mm: tuple[Positive, Positive, Positive]
+    orientation: Orientation = Orientation.LPS
+    intensity: dict[Modality, IntensitySpec]
+
+
+class InferenceSpec(_Frozen):
+    roi_size: tuple[int, int, int]
+    overlap: Annotated[float, Field(ge=0, lt=1)] = 0.25
+    sw_batch_size: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _roi_divisible(self) -> InferenceSpec:
+        if any(s < 16 or s % 16 for s in self.roi_size):
+            raise ValueError(f"roi_size {self.roi_size}: every side must be a multiple of 16 (>= 16)")
+        return self
+
+
+class CodeSpec(_Frozen):
+    """A coded concept (PS3.3 8.8): value, scheme designator and meaning, e.g. SNOMED CT ``SCT``."""
+
+    value: str = Field(min_length=1)
+    scheme: str = Field(min_length=1)
+    meaning: str = Field(min_length=1)
+
+    def code(self) -> Code:
+        return Code(self.value, self.scheme, self.meaning)
+
+
+class LabelSpec(_Frozen):
+    """One output class: its value in the label map and how it is coded in SEG and SR."""
+
+    value: int = Field(ge=1, le=255)
+    name: str = Field(min_length=1)
+    category: CodeSpec
+    type: CodeSpec
+    anatomic_region: CodeSpec | None = None
+    colour: tuple[int, int, int]
+    focal: bool = False  # lesion-like: reported as findings (connected components) too
+
+
+class Stochastic(StrEnum):
+    HEAD = "head"  # dropout only in the head: the trunk runs once per window, samples share its features
+    ALL = "all"  # every dropout layer of the trunk too: samples run the whole network (costs samples x)
+
+
+class UncertaintySpec(_Frozen):
+    samples: int = Field(default=10, ge=1, le=100)
+    dropout: Probability = 0.2
+    stochastic: Stochastic = Stochastic.HEAD
+    seed: int = 0
+    map_quantity: Literal["entropy", "mutual_information"] = "mutual_information"
+
+
+class ReviewSpec(_Frozen):
+    """A structure is flagged for review when any of these is passed (all measured on the source grid)."""
+
+    max_mean_entropy: Positive = 0.25  # nats, inside the structure
+    max_boundary_entropy: Positive = 0.6  # nats, on its one-voxel boundary shell
+    max_mean_mutual_information: Positive = 0.05  # nats
+    min_sample_agreement: Probability = 0.9  # mean pairwise Dice between Monte-Carlo samples
+    max_volume_cv: Positive = 0.1  # volume spread / volume
+    min_lesion_detection_rate: Probability = 0.7
+
+
+class TrainingSpec(_Frozen):
+    """Defaults for ``medseg train`` (each can be overridden on the command line and is recorded)."""
+
+    epochs: int = Field(default=40, ge=1)
+    iterations_per_epoch: int = Field(default=40, ge=1)
+    batch_size: int = Field(default=2, ge=1)
+    patch_size: tuple[int, int, int] = (96, 96, 96)
+    learning_rate: Positive = 3e-3
+    weight_decay: float = Field(default=1e-5, ge=0)
+    loss: Literal["dice_ce", "dice_focal"] = "dice_ce"
+    foreground_ratio: Probability = 0.7  # share of patches centred on a labelled voxel
+    noise_std: float = Field(default=0.03, ge=0)  # in normalized units
+    intensity_drift: float = Field(default=0.05, ge=0)  # shift and scale, normalized units
+
+
+class ModelSpec(_Frozen):
+    """Everything needed to build, feed and interpret a segmentation network (weights live beside it)."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    version: str = Field(min_length=1)
+    description: str = ""
+    modalities: tuple[Modality, ...]
+    network: NetworkSpec
+    preprocessing: PreprocessingSpec
+    inference: InferenceSpec
+    labels: tuple[LabelSpec, ...]
+    uncertainty: UncertaintySpec = UncertaintySpec()
+    review: ReviewSpec = ReviewSpec()
+    training: TrainingSpec = TrainingSpec()
+    for_clinical_use: bool = False
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelSpec:
+        values = [label.value for label in self.labels]
+        if not values:
+            raise ValueError("labels must list at least one structure")
+        if values != list(range(1, len(values) + 1)):
+            raise ValueError(f"label values must be 1..n in order (output channel = value), got {values}")
+        missing = set(self.modalities) - set(self.preprocessing.intensity)
+        if missing:
+            raise ValueError(f"preprocessing.intensity has no transform for modalities {sorted(missing)}")
+        return self
+
+    @property
+    def num_classes(self) -> int:
+        """Output channels including background."""
+        return len(self.labels) + 1
+
+
+def parse_spec(data: object, source: str) -> ModelSpec:
+    """Validate a mapping into a ``ModelSpec``; errors name ``source`` and every bad field."""
+    try:
+        return ModelSpec.model_validate(data)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']} (got {e.get('input')!r})"[:300]
+            for e in err.errors()
+        )
+        raise ModelSpecError(f"model spec {source}: {problems}") from err
+
+
+def load_spec(path: Path | str) -> ModelSpec:
+    """Read and validate one spec file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError as err:
+        raise ModelSpecError(f"model spec {path}: file not found") from err
+    except yaml.YAMLError as err:
+        raise ModelSpecError(f"model spec {path}: not valid YAML ({err})") from err
+    return parse_spec(data, str(path))
+
+
+def save_spec(spec: ModelSpec, path: Path) -> None:
+    """Write a spec back as YAML (saved next to every trained model and every output)."""
+    path.write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,164 @@
+"""Bring an ``ImageVolume`` onto a model's grid, and model outputs back onto the source grid.
+
+The model grid covers exactly the source field of view: axes permuted/flipped to the spec's orientation
+(a lossless reindexing, nibabel's ``io_orientation``) then resampled trilinearly so that the spacing is as
+close to the spec's as a whole number of voxels allows. Voxel centres follow the ``align_corners=False``
+convention both ways, so ``to_source(to_model(x))`` lands on the same world positions. Training and
+inference call the same functions: no train/inference skew.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F
+from nibabel import orientations
+
+from dicom_io.volume import ImageVolume, Modality
+from medseg.model_spec import IntensityKind, IntensitySpec, ModelSpec, ModelSpecError, Orientation
+
+FloatArray = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class ModelGrid:
+    """Where the model grid sits relative to the source grid (everything needed to map back)."""
+
+    source_shape: tuple[int, int, int]
+    ornt: npt.NDArray[np.float64]  # nibabel orientation: source axis -> (model axis, flip)
+    oriented_shape: tuple[int, int, int]
+    shape: tuple[int, int, int]
+    affine: npt.NDArray[np.float64]  # model index (i, j, k, 1) -> LPS mm
+
+    @property
+    def spacing_mm(self) -> tuple[float, float, float]:
+        s = np.linalg.norm(self.affine[:3, :3], axis=0)
+        return (float(s[0]), float(s[1]), float(s[2]))
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        return float(abs(np.linalg.det(self.affine[:3, :3]))) / 1000.0
+
+
+def plan_grid(
+    volume_shape: tuple[int, int, int], affine: npt.NDArray[np.float64], spec: ModelSpec
+) -> ModelGrid:
+    """Decide the model grid for a source grid (pure geometry, no voxels touched)."""
+    if spec.preprocessing.orientation is Orientation.LPS:
+        ornt = orientations.io_orientation(affine)
+    else:
+        ornt = np.array([[0, 1], [1, 1], [2, 1]], dtype=np.float64)
+    oriented_affine = affine @ orientations.inv_ornt_aff(ornt, volume_shape)
+    oriented_shape = tuple(int(volume_shape[int(np.where(ornt[:, 0] == a)[0][0])]) for a in range(3))
+    spacing = np.linalg.norm(oriented_affine[:3, :3], axis=0)
+    target = np.asarray(spec.preprocessing.spacing_mm)
+    shape = tuple(max(1, round(n * s / t)) for n, s, t in zip(oriented_shape, spacing, target, strict=True))
+    scale = np.asarray(oriented_shape, dtype=np.float64) / np.asarray(shape, dtype=np.float64)
+    step = np.diag(np.append(scale, 1.0))
+    step[:3, 3] = 0.5 * scale - 0.5  # align_corners=False: centre of model voxel i is source index (i+.5)s-.5
+    return ModelGrid(
+        source_shape=(int(volume_shape[0]), int(volume_shape[1]), int(volume_shape[2])),
+        ornt=ornt,
+        oriented_shape=(oriented_shape[0], oriented_shape[1], oriented_shape[2]),
+        shape=(shape[0], shape[1], shape[2]),
+        affine=oriented_affine @ step,
+    )
+
+
+def _orient(array: npt.NDArray[np.generic], ornt: npt.NDArray[np.float64]) -> npt.NDArray[np.generic]:
+    return np.ascontiguousarray(orientations.apply_orientation(array, ornt))
+
+
+def _resize(tensor: torch.Tensor, shape: tuple[int, int, int], *, labels: bool = False) -> torch.Tensor:
+    """Resample a (C, X, Y, Z) tensor; trilinear for intensities, nearest-exact for label values."""
+    if tuple(tensor.shape[1:]) == shape:
+        return tensor
+    mode = "nearest-exact" if labels else "trilinear"
+    kwargs = {} if labels else {"align_corners": False}
+    return F.interpolate(tensor[None], size=shape, mode=mode, **kwargs)[0]
+
+
+def normalize(array: FloatArray, modality: Modality, spec: ModelSpec) -> FloatArray:
+    """The spec's intensity transform for this modality (physical units in, network units out)."""
+    try:
+        intensity: IntensitySpec = spec.preprocessing.intensity[modality]
+    except KeyError:
+        raise ModelSpecError(
+            f"model {spec.name} has no intensity transform for modality {modality} "
+            f"(it handles {', '.join(spec.preprocessing.intensity)}); choose a model made for {modality}"
+        ) from None
+    out = np.asarray(array, dtype=np.float32)
+    if intensity.kind is IntensityKind.WINDOW:
+        assert intensity.low is not None and intensity.high is not None
+        centre = (intensity.low + intensity.high) / 2
+        half = (intensity.high - intensity.low) / 2
+        return ((np.clip(out, intensity.low, intensity.high) - centre) / half).astype(np.float32)
+    if intensity.kind is IntensityKind.PERCENTILE:
+        assert intensity.low is not None and intensity.high is not None
+        lo, hi = np.percentile(out, [intensity.low, intensity.high])
+        return ((np.clip(out, lo, hi) - lo) / max(float(hi - lo), 1e-6)).astype(np.float32)
+    body = out[out > np.percentile(out, 1)]
+    mean, std = (float(body.mean()), float(body.std())) if body.size else (0.0, 1.0)
+    return ((out - mean) / max(std, 1e-6)).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """A normalized volume on the model grid, shape (1, X, Y, Z), with the grid it lives on."""
+
+    image: torch.Tensor
+    grid: ModelGrid
+
+
+def to_model(volume: ImageVolume, spec: ModelSpec) -> ModelInput:
+    """Orient, resample and normalize a source volume for ``spec``'s network."""
+    if volume.modality not in spec.modalities:
+        raise ModelSpecError(
+            f"series {volume.series.series_instance_uid}: modality {volume.modality} is not handled by model "
+            f"{spec.name} (it handles {', '.join(spec.modalities)})"
+        )
+    grid = plan_grid(volume.array.shape, volume.affine, spec)
+    oriented = _orient(volume.array, grid.ornt)
+    resampled = _resize(torch.from_numpy(oriented)[None], grid.shape)
+    image = torch.from_numpy(normalize(resampled.numpy(), volume.modality, spec))
+    return ModelInput(image=image, grid=grid)
+
+
+def labels_to_model(labels: npt.NDArray[np.integer], grid: ModelGrid) -> torch.Tensor:
+    """A label map on the source grid moved onto the model grid (nearest), shape (1, X, Y, Z), int64."""
+    oriented = _orient(labels.astype(np.int16), grid.ornt)
+    resampled = _resize(torch.from_numpy(oriented)[None].float(), grid.shape, labels=True)
+    return resampled.round().long()
+
+
+def map_to_source(tensor: torch.Tensor, grid: ModelGrid) -> FloatArray:
+    """One (X, Y, Z) float map on the model grid back onto the source grid (trilinear), float32 numpy."""
+    resampled = _resize(tensor[None].float(), grid.oriented_shape)[0]
+    return np.asarray(_unorient(resampled.numpy(), grid), dtype=np.float32)
+
+
+def _unorient(array: npt.NDArray[np.generic], grid: ModelGrid) -> npt.NDArray[np.generic]:
+    """Undo ``_orient``: model axes back to source (slice, row, column) order and direction."""
+    back = np.empty_like(grid.ornt)
+    for source_axis, (model_axis, flip) in enumerate(grid.ornt):
+        back[int(model_axis)] = (source_axis, flip)
+    return np.ascontiguousarray(orientations.apply_orientation(array, back))
+
+
+def argmax_to_source(probabilities: torch.Tensor, grid: ModelGrid) -> npt.NDArray[np.uint8]:
+    """Label map on the source grid from (C, X, Y, Z) class probabilities on the model grid.
+
+    Each class channel is interpolated onto the source grid in turn and a running maximum kept, so
+    memory is three source-sized arrays however many classes there are (not C of them).
+    """
+    best = torch.full(grid.oriented_shape, -1.0)
+    label = torch.zeros(grid.oriented_shape, dtype=torch.uint8)
+    for c in range(probabilities.shape[0]):
+        channel = _resize(probabilities[c : c + 1].float(), grid.oriented_shape)[0]
+        better = channel > best
+        best = torch.where(better, channel, best)
+        label[better] = c
+    return np.asarray(_unorient(label.numpy(), grid), dtype=np.uint8)

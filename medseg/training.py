@@ -1,0 +1,318 @@
+"""Training: a dataset manifest + a spec -> a model folder (best and last checkpoints, resumable).
+
+Cases are read once with dicom_io and brought onto the model grid with the same ``medseg.preprocess``
+functions inference uses. Patches are drawn with MONAI transforms (foreground-weighted crops, small
+affine jitter, Gaussian noise and intensity drift as scanners differ), the loss is Dice + cross-entropy
+(focal optional) and the learning rate follows a cosine schedule. ``train_step`` is a plain function: the
+federated client calls the same one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from monai.losses import DiceCELoss, DiceFocalLoss
+from monai.transforms import (
+    Compose,
+    RandAffined,
+    RandCropByPosNegLabeld,
+    RandGaussianNoised,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    SpatialPadd,
+)
+from torch import nn
+
+from dicom_io.reader import read_volume
+from medseg.model import Model, ModelProvenance, load_model, save_model
+from medseg.model_spec import ModelSpec, TrainingSpec
+from medseg.networks import SegmentationNet
+from medseg.preprocess import labels_to_model, to_model
+from medseg.synth.dataset import Split, SynthDataset, load_dataset, load_label_map
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[int, int, str], None]  # (iterations done, total, status line)
+CHECKPOINT = "checkpoints/last.pt"
+
+
+@dataclass(frozen=True)
+class TrainingCase:
+    """One case on the model grid: normalized image and labels, each (1, X, Y, Z)."""
+
+    case_id: str
+    site: str
+    image: torch.Tensor
+    labels: torch.Tensor
+
+
+def load_cases(
+    dataset: SynthDataset, spec: ModelSpec, split: Split, *, sites: Sequence[str] = ()
+) -> list[TrainingCase]:
+    """Read the cases of one split (optionally only some sites) onto the model grid."""
+    cases = []
+    for entry in dataset.manifest.select(split=split):
+        if sites and entry.site not in sites:
+            continue
+        volume = read_volume(dataset.image_dir(entry))
+        labels, _ = load_label_map(dataset.label_map(entry))
+        if labels.shape != volume.array.shape:
+            raise ValueError(f"case {entry.case_id}: label map {labels.shape} != image {volume.array.shape}")
+        model_input = to_model(volume, spec)
+        cases.append(
+            TrainingCase(
+                entry.case_id, entry.site, model_input.image, labels_to_model(labels, model_input.grid)
+            )
+        )
+    if not cases:
+        raise ValueError(
+            f"dataset {dataset.manifest_path}: no {split} cases{' for ' + ', '.join(sites) if sites else ''}"
+        )
+    return cases
+
+
+def augmentation(training: TrainingSpec, seed: int) -> Compose:
+    """Random patch + geometry jitter + scanner-like intensity changes (noise, shift and scale drift)."""
+    transform = Compose(
+        [
+            SpatialPadd(keys=("image", "label"), spatial_size=training.patch_size),
+            RandCropByPosNegLabeld(
+                keys=("image", "label"),
+                label_key="label",
+                spatial_size=training.patch_size,
+                pos=training.foreground_ratio,
+                neg=1.0 - training.foreground_ratio,
+                num_samples=1,
+            ),
+            RandAffined(
+                keys=("image", "label"),
+                prob=0.3,
+                rotate_range=(0.0, 0.0, 0.15),
+                scale_range=(0.1, 0.1, 0.1),
+                mode=("bilinear", "nearest"),
+                padding_mode="border",
+            ),
+            RandGaussianNoised(keys="image", prob=0.5, std=training.noise_std),
+            RandShiftIntensityd(keys="image", prob=0.5, offsets=training.intensity_drift),
+            RandScaleIntensityd(keys="image", prob=0.5, factors=training.intensity_drift),
+        ]
+    )
+    transform.set_random_state(seed=seed)
+    return transform
+
+
+def batches(
+    cases: Sequence[TrainingCase], training: TrainingSpec, seed: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless (image, label) batches of random patches from random cases."""
+    rng = random.Random(seed)
+    transform = augmentation(training, seed)
+    while True:
+        images, labels = [], []
+        for _ in range(training.batch_size):
+            case = cases[rng.randrange(len(cases))]
+            patch = transform({"image": case.image, "label": case.labels})[0]
+            images.append(torch.as_tensor(patch["image"]))
+            labels.append(torch.as_tensor(patch["label"]))
+        yield torch.stack(images).float(), torch.stack(labels).long()
+
+
+def make_loss(training: TrainingSpec) -> nn.Module:
+    if training.loss == "dice_focal":
+        return DiceFocalLoss(to_onehot_y=True, softmax=True)
+    return DiceCELoss(to_onehot_y=True, softmax=True)
+
+
+def train_step(
+    network: nn.Module,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    device: torch.device,
+) -> float:
+    """One optimisation step on one batch; returns the loss. Shared with the federated client."""
+    network.train()
+    images, labels = batch[0].to(device), batch[1].to(device)
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss_fn(network(images), labels)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+def dice_per_class(prediction: torch.Tensor, truth: torch.Tensor, num_classes: int) -> list[float]:
+    """Dice of each foreground class (NaN where both are empty)."""
+    out = []
+    for c in range(1, num_classes):
+        p, t = prediction == c, truth == c
+        denominator = int(p.sum()) + int(t.sum())
+        out.append(2.0 * int((p & t).sum()) / denominator if denominator else float("nan"))
+    return out
+
+
+@torch.inference_mode()
+def evaluate(
+    network: SegmentationNet, cases: Sequence[TrainingCase], spec: ModelSpec, device: torch.device
+) -> float:
+    """Mean foreground Dice on the model grid, deterministic sliding window (validation each epoch)."""
+    network.eval()
+    scores = []
+    for case in cases:
+        logits = sliding_window_inference(
+            case.image[None].to(device), spec.inference.roi_size, 1, network, overlap=spec.inference.overlap
+        )
+        assert isinstance(logits, torch.Tensor)
+        dice = dice_per_class(logits.argmax(1).cpu(), case.labels[0][None], spec.num_classes)
+        scores.append(float(np.nanmean(dice)))
+    return float(np.mean(scores))
+
+
+def freeze_encoder(network: SegmentationNet) -> int:
+    """Freeze every trunk parameter whose module sits on the contracting path; returns how many were frozen.
+
+    Fine-tuning with few labelled cases keeps the encoder and adapts decoder and head. For MONAI's UNet the
+    encoder is the first half of the nested model; generically, the first half of the trunk's parameters
+    in registration order (encoders are built first in all four supported networks).
+    """
+    params = list(network.trunk.parameters())
+    frozen = params[: len(params) // 2]
+    for p in frozen:
+        p.requires_grad_(False)
+    return len(frozen)
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    model: Model
+    best_dice: float
+    epochs: int
+    seconds: float
+    history: tuple[dict[str, float], ...]
+
+
+def train(
+    spec: ModelSpec,
+    dataset_path: Path | str,
+    output: Path,
+    *,
+    epochs: int | None = None,
+    iterations_per_epoch: int | None = None,
+    seed: int = 0,
+    init: str | Path | None = None,
+    freeze: bool = False,
+    resume: bool = False,
+    sites: Sequence[str] = (),
+    device: torch.device | None = None,
+    command: str = "",
+    progress: ProgressCallback | None = None,
+) -> TrainingResult:
+    """Train ``spec`` on a manifest's train split, validating on its val split after each epoch."""
+    training = spec.training
+    if epochs is not None or iterations_per_epoch is not None:
+        training = training.model_copy(
+            update={
+                "epochs": epochs or training.epochs,
+                "iterations_per_epoch": iterations_per_epoch or training.iterations_per_epoch,
+            }
+        )
+    spec = spec.model_copy(update={"training": training})
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(seed)
+    dataset = load_dataset(dataset_path)
+    train_cases = load_cases(dataset, spec, Split.TRAIN, sites=sites)
+    val_cases = load_cases(dataset, spec, Split.VAL, sites=sites)
+    log.info("training on %d cases, validating on %d", len(train_cases), len(val_cases))
+
+    network = SegmentationNet(spec)
+    if init is not None:
+        network.load_state_dict(load_model(init).network.state_dict())
+    if freeze:
+        log.info("froze %d encoder parameter tensors", freeze_encoder(network))
+    network.to(device)
+    optimizer = torch.optim.AdamW(
+        [p for p in network.parameters() if p.requires_grad],
+        lr=training.learning_rate,
+        weight_decay=training.weight_decay,
+    )
+    total = training.epochs * training.iterations_per_epoch
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    loss_fn = make_loss(training)
+    start_epoch, best, history = 0, -1.0, []
+    checkpoint_path = output / CHECKPOINT
+    if resume and checkpoint_path.exists():
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        network.load_state_dict(state["network"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, best, history = state["epoch"], state["best"], state["history"]
+        log.info("resumed from %s at epoch %d", checkpoint_path, start_epoch)
+    elif resume:
+        raise FileNotFoundError(f"{checkpoint_path}: no checkpoint to resume from")
+
+    provenance = ModelProvenance(
+        source="trained",
+        training_data=f"{dataset.manifest_path} (seed {dataset.manifest.seed}, "
+        f"sites {', '.join(sites) or 'all'})",
+        seed=seed,
+        command=command,
+        weights_sha256="",
+        init_from=str(init) if init else None,
+    )
+    batch_iter = batches(train_cases, training, seed + start_epoch)
+    started = time.perf_counter()
+    model: Model | None = None
+    for epoch in range(start_epoch, training.epochs):
+        losses = []
+        for i in range(training.iterations_per_epoch):
+            losses.append(train_step(network, next(batch_iter), optimizer, loss_fn, device))
+            scheduler.step()
+            if progress:
+                done = epoch * training.iterations_per_epoch + i + 1
+                progress(
+                    done,
+                    total,
+                    f"epoch {epoch + 1}/{training.epochs} loss {np.mean(losses):.3f} best {best:.3f}",
+                )
+        dice = evaluate(network, val_cases, spec, device)
+        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_dice": dice})
+        log.info("epoch %d: loss %.4f, validation Dice %.4f", epoch + 1, np.mean(losses), dice)
+        if dice > best:
+            best = dice
+            model = save_model(
+                output,
+                spec,
+                network,
+                ModelProvenance(**{**asdict(provenance), "epochs": epoch + 1, "metrics": {"val_dice": dice}}),
+            )
+        checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(
+            {
+                "network": network.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epoch": epoch + 1,
+                "best": best,
+                "history": history,
+                "seed": seed,
+            },
+            checkpoint_path,
+        )
+        (output / "training_log.json").write_text(json.dumps(history, indent=1) + "\n")
+    if model is None:
+        model = load_model(output)
+    return TrainingResult(
+        model=model,
+        best_dice=best,
+        epochs=training.epochs,
+        seconds=time.perf_counter() - started,
+        history=tuple(history),
+    )

@@ -1,0 +1,220 @@
+"""Model specs, the model grid, Monte-Carlo statistics and inference on small synthetic volumes."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from dicom_io.volume import GeometryReport, ImageVolume, IntensityUnit, Modality, SeriesContext
+from medseg.inference import infer
+from medseg.model import Model, ModelProvenance, load_model, save_model
+from medseg.model_spec import MODELS_DIR, ModelSpecError, Stochastic, load_spec, parse_spec
+from medseg.networks import SegmentationNet, set_dropout_sampling
+from medseg.preprocess import (
+    _orient,
+    _resize,
+    argmax_to_source,
+    labels_to_model,
+    map_to_source,
+    plan_grid,
+    to_model,
+)
+from medseg.synth import load_site, synthesize_case
+from medseg.uncertainty import OnlineMoments, entropy
+
+DEFAULT_SPEC = MODELS_DIR / "default_ct.yaml"
+
+
+def _spec_data() -> dict:
+    return yaml.safe_load(DEFAULT_SPEC.read_text())
+
+
+def _small_spec(**uncertainty: object) -> dict:
+    data = _spec_data()
+    data["network"]["arguments"] = {
+        "channels": [4, 8, 16],
+        "strides": [2, 2],
+        "num_res_units": 0,
+        "norm": "instance",
+    }
+    data["network"]["features"] = 4
+    data["inference"]["roi_size"] = [32, 32, 32]
+    data["preprocessing"]["spacing_mm"] = [6.0, 6.0, 6.0]
+    data["uncertainty"].update(uncertainty)
+    return data
+
+
+def _model(tmp_path: Path, **uncertainty: object) -> Model:
+    spec = parse_spec(_small_spec(**uncertainty), "test")
+    torch.manual_seed(0)
+    provenance = ModelProvenance(source="test", training_data="none", seed=0, command="", weights_sha256="")
+    return save_model(tmp_path / "model", spec, SegmentationNet(spec), provenance)
+
+
+def _volume(matrix: int = 64, slices: int = 24) -> tuple[ImageVolume, np.ndarray]:
+    case = synthesize_case(load_site("site_a"), 3, 0, matrix=matrix, slices=slices)
+    volume = ImageVolume(
+        array=case.image,
+        affine=case.affine,
+        modality=Modality.CT,
+        unit=IntensityUnit.HOUNSFIELD,
+        series=SeriesContext("1.2.3", "1.2.3.4", None, 1, "synthetic", "test", "p"),
+        frames=(),
+        geometry=GeometryReport(slices, 1.0, 1.0, 1.0, 0.0, ()),
+    )
+    return volume, case.labels
+
+
+def test_default_spec_is_valid_and_coded() -> None:
+    spec = load_spec(DEFAULT_SPEC)
+    assert spec.num_classes == 9 and all(label.category.scheme == "SCT" for label in spec.labels)
+    assert [label.value for label in spec.labels] == list(range(1, 9))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d: d["network"].update(architecture="resnet"), r"network\.architecture"),
+        (lambda d: d["network"]["arguments"].update(out_channels=3), "must not set"),
+        (lambda d: d["labels"].pop(0), "label values must be 1..n"),
+        (lambda d: d["preprocessing"]["intensity"].pop("CT"), "no transform for modalities"),
+        (lambda d: d["inference"].update(roi_size=[90, 96, 96]), "multiple of 16"),
+        (lambda d: d["labels"][0]["type"].update(value=""), r"labels\.0\.type\.value"),
+        (lambda d: d["preprocessing"]["intensity"]["CT"].update(low=2000), "low < high"),
+    ],
+)
+def test_bad_spec_names_the_field(change, message: str) -> None:
+    data = _spec_data()
+    change(data)
+    with pytest.raises(ModelSpecError, match=message):
+        parse_spec(data, "bad.yaml")
+
+
+def test_unbuildable_network_is_a_spec_error() -> None:
+    data = _small_spec()
+    data["network"]["arguments"]["bogus"] = 1
+    with pytest.raises(ModelSpecError, match="cannot build unet"):
+        SegmentationNet(parse_spec(data, "bad.yaml"))
+
+
+def test_online_moments_match_batch_statistics() -> None:
+    x = torch.rand(10, 3, 5)
+    moments = OnlineMoments()
+    for chunk in (x[:3], x[3:4], x[4:]):
+        moments.update(chunk)
+    assert moments.mean is not None
+    torch.testing.assert_close(moments.mean, x.mean(0))
+    torch.testing.assert_close(moments.variance, x.var(0))
+
+
+def test_entropy_in_nats() -> None:
+    p = torch.tensor([[0.5, 0.5], [1.0, 0.0]])
+    torch.testing.assert_close(entropy(p, dim=1), torch.tensor([math.log(2), 0.0]), atol=1e-6, rtol=0)
+
+
+def test_dropout_sampling_keeps_norms_in_eval_mode(tmp_path: Path) -> None:
+    net = _model(tmp_path).network
+    set_dropout_sampling(net, enabled=True)
+    modes = {type(m).__name__: m.training for m in net.modules()}
+    assert modes["Dropout3d"] is True and modes["InstanceNorm3d"] is False and modes["Conv3d"] is False
+
+
+def test_grid_round_trip_lands_on_the_same_world_positions(tmp_path: Path) -> None:
+    spec = parse_spec(_small_spec(), "t")
+    affine = np.array([[0, 0, -0.9, 120.0], [0, -0.9, 0, 80.0], [-3.0, 0, 0, 50.0], [0, 0, 0, 1.0]])
+    grid = plan_grid((20, 64, 60), affine, spec)
+    # resample each world coordinate (linear in the index) onto the model grid: away from the borders,
+    # trilinear interpolation is exact, so it must equal what grid.affine says for every model voxel
+    shape = (20, 64, 60)
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1).astype(np.float64)
+    world = index @ affine[:3, :3].T + affine[:3, 3]
+    model_index = np.stack(np.meshgrid(*[np.arange(n) for n in grid.shape], indexing="ij"), axis=-1)
+    expected = model_index @ grid.affine[:3, :3].T + grid.affine[:3, 3]
+    inner = tuple(slice(1, n - 1) for n in grid.shape)
+    for axis in range(3):
+        oriented = torch.from_numpy(_orient(world[..., axis].astype(np.float32), grid.ornt))[None]
+        on_grid = _resize(oriented, grid.shape)[0].numpy()
+        np.testing.assert_allclose(on_grid[inner], expected[..., axis][inner], atol=1e-3)
+    labels = np.zeros((20, 64, 60), np.uint8)
+    labels[4:16, 8:56, 8:52] = 1
+    on_model = labels_to_model(labels, grid)
+    assert on_model.shape[1:] == grid.shape
+    probs = torch.stack([1.0 - on_model[0].float(), on_model[0].float()])
+    back = argmax_to_source(probs, grid)
+    assert back.shape == labels.shape
+    dice = 2 * np.sum((back == 1) & (labels == 1)) / (np.sum(back == 1) + np.sum(labels == 1))
+    assert dice > 0.8  # 6 mm model voxels on a 3 x 0.9 x 0.9 mm grid: only the edges may move
+    centroid = [affine[:3, :3] @ np.argwhere(m == 1).mean(0) + affine[:3, 3] for m in (labels, back)]
+    np.testing.assert_allclose(centroid[0], centroid[1], atol=1.0)  # no shift: same world position
+    assert map_to_source(on_model[0].float(), grid).shape == labels.shape
+
+
+def test_mc_inference_is_seeded_and_typed(tmp_path: Path) -> None:
+    model = _model(tmp_path, samples=4, dropout=0.5)
+    volume, _ = _volume()
+    first = infer(volume, model, seed=5)
+    again = infer(volume, model, seed=5)
+    other = infer(volume, model, seed=6)
+    assert first.label_map.shape == volume.array.shape and first.label_map.dtype == np.uint8
+    np.testing.assert_array_equal(first.mutual_information, again.mutual_information)
+    assert not np.array_equal(first.mutual_information, other.mutual_information)
+    assert first.mutual_information.max() > 0 and np.all(first.entropy >= first.mutual_information - 1e-5)
+    assert [m.label for m in first.structures] == list(range(1, 9))
+    assert all(0 <= m.sample_agreement <= 1 for m in first.structures)
+
+
+def test_head_sampling_equals_explicit_dropout_masks(tmp_path: Path) -> None:
+    """Stacked masked weights give exactly what dropout on the features followed by the head gives."""
+    from medseg.uncertainty import MonteCarloSampler
+
+    model = _model(tmp_path, samples=3, dropout=0.5)
+    net = model.network.eval()
+    sampler = MonteCarloSampler(
+        net,
+        samples=3,
+        stochastic=Stochastic.HEAD,
+        num_classes=9,
+        weights=torch.ones(32, 32, 32),
+        generator=torch.Generator().manual_seed(1),
+    )
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        features = net.features(x)
+        fast = sampler._sample_logits(x, features, 0, 3)
+        assert sampler.head_weights is not None
+        for s in range(3):
+            keep = (sampler.head_weights[s].abs().sum(0) > 0).float() / 0.5
+            slow = net.classifier(features * keep.reshape(1, -1, 1, 1, 1))
+            torch.testing.assert_close(fast[s], slow, atol=1e-4, rtol=1e-4)
+
+
+def test_one_sample_is_deterministic_with_no_epistemic_part(tmp_path: Path) -> None:
+    model = _model(tmp_path, samples=4)
+    volume, _ = _volume()
+    single = infer(volume, model, samples=1)
+    assert float(single.mutual_information.max()) < 1e-5
+    assert all(m.sample_agreement == 1.0 and m.volume_spread_ml == 0.0 for m in single.structures)
+
+
+def test_wrong_modality_is_refused(tmp_path: Path) -> None:
+    model = _model(tmp_path)
+    volume, _ = _volume()
+    mr = ImageVolume(**{**volume.__dict__, "modality": Modality.MR, "unit": IntensityUnit.MR_STORED})
+    with pytest.raises(ModelSpecError, match="modality MR is not handled by model default_ct"):
+        to_model(mr, model.spec)
+
+
+def test_model_folder_detects_changed_weights(tmp_path: Path) -> None:
+    model = _model(tmp_path)
+    loaded = load_model(model.folder)
+    assert loaded.provenance.device_uid == model.provenance.device_uid
+    (model.folder / "weights.pt").write_bytes((model.folder / "weights.pt").read_bytes() + b"x")
+    with pytest.raises(ModelSpecError, match="SHA-256"):
+        load_model(model.folder)
+    with pytest.raises(ModelSpecError, match="no shipped model of that name"):
+        load_model("no_such_model")

@@ -1,0 +1,110 @@
+"""Training on a tiny synthetic dataset: model folder, resume, fine-tuning, the shared train step, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from medseg.cli import main
+from medseg.model import load_model
+from medseg.model_spec import MODELS_DIR, parse_spec
+from medseg.networks import SegmentationNet
+from medseg.synth import generate_dataset, load_site
+from medseg.training import dice_per_class, freeze_encoder, make_loss, train, train_step
+
+
+def _spec_file(tmp_path: Path) -> Path:
+    data = yaml.safe_load((MODELS_DIR / "default_ct.yaml").read_text())
+    data["network"]["arguments"] = {
+        "channels": [4, 8, 16],
+        "strides": [2, 2],
+        "num_res_units": 0,
+        "norm": "instance",
+    }
+    data["network"]["features"] = 4
+    data["inference"]["roi_size"] = [32, 32, 32]
+    data["preprocessing"]["spacing_mm"] = [8.0, 8.0, 8.0]
+    data["training"].update(patch_size=[32, 32, 32], batch_size=1, epochs=1, iterations_per_epoch=2)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("tiny-ds")
+    generate_dataset(root, [load_site("site_a")], 3, seed=2, matrix=64, slices=24)
+    return root
+
+
+def test_train_writes_a_loadable_model_and_resumes(tmp_path: Path, tiny_dataset: Path) -> None:
+    spec = parse_spec(yaml.safe_load(_spec_file(tmp_path).read_text()), "tiny")
+    out = tmp_path / "model"
+    result = train(spec, tiny_dataset, out, seed=3, command="test")
+    assert result.epochs == 1 and 0.0 <= result.best_dice <= 1.0
+    model = load_model(out)
+    assert model.provenance.seed == 3 and model.provenance.epochs == 1 and model.provenance.command == "test"
+    resumed = train(spec, tiny_dataset, out, epochs=2, seed=3, resume=True)
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
+    assert json.loads((out / "training_log.json").read_text())[-1]["epoch"] == 2
+
+
+def test_resume_without_checkpoint_is_an_error(tmp_path: Path, tiny_dataset: Path) -> None:
+    spec = parse_spec(yaml.safe_load(_spec_file(tmp_path).read_text()), "tiny")
+    with pytest.raises(FileNotFoundError, match="no checkpoint to resume from"):
+        train(spec, tiny_dataset, tmp_path / "fresh", resume=True)
+
+
+def test_train_step_lowers_the_loss_on_one_batch() -> None:
+    spec = parse_spec(yaml.safe_load((MODELS_DIR / "default_ct.yaml").read_text()), "default")
+    torch.manual_seed(0)
+    net = SegmentationNet(spec)
+    images = torch.randn(1, 1, 32, 32, 32)
+    labels = (images > 0.5).long()
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+    loss_fn = make_loss(spec.training)
+    losses = [train_step(net, (images, labels), optimizer, loss_fn, torch.device("cpu")) for _ in range(8)]
+    assert losses[-1] < losses[0]
+
+
+def test_freeze_encoder_keeps_half_the_trunk() -> None:
+    spec = parse_spec(yaml.safe_load((MODELS_DIR / "default_ct.yaml").read_text()), "default")
+    net = SegmentationNet(spec)
+    frozen = freeze_encoder(net)
+    trunk = list(net.trunk.parameters())
+    assert frozen == len(trunk) // 2 and not trunk[0].requires_grad and trunk[-1].requires_grad
+    assert net.classifier.weight.requires_grad
+
+
+def test_dice_per_class() -> None:
+    a = torch.tensor([0, 1, 1, 2])
+    b = torch.tensor([0, 1, 2, 2])
+    assert dice_per_class(a, b, 4)[:2] == [pytest.approx(2 / 3), pytest.approx(2 / 3)]
+
+
+def test_cli_fine_tunes_with_frozen_encoder(tmp_path: Path, tiny_dataset: Path) -> None:
+    spec = _spec_file(tmp_path)
+    base = tmp_path / "base"
+    assert main(["-q", "train", str(spec), str(tiny_dataset), "-o", str(base)]) == 0
+    tuned = tmp_path / "tuned"
+    args = [
+        "-q",
+        "train",
+        str(spec),
+        str(tiny_dataset),
+        "-o",
+        str(tuned),
+        "--init",
+        str(base),
+        "--freeze-encoder",
+    ]
+    assert main(args) == 0
+    assert load_model(tuned).provenance.init_from == str(base)
+    assert (
+        main(["-q", "train", str(spec), str(tiny_dataset), "-o", str(tmp_path / "x"), "--freeze-encoder"])
+        == 2
+    )
