@@ -40,6 +40,7 @@ class Architecture(StrEnum):
     SEGRESNET = "segresnet"
     DYNUNET = "dynunet"
     SWINUNETR = "swinunetr"
+    BUNDLE = "bundle"  # an imported MONAI bundle's own network (medseg.bundle), logits out, no extra head
 
 
 class NetworkSpec(_Frozen):
@@ -53,12 +54,19 @@ class NetworkSpec(_Frozen):
     architecture: Architecture
     arguments: dict[str, Any] = Field(default_factory=dict)
     features: int = Field(default=16, ge=1, le=512)
+    bundle_network: dict[str, Any] | None = (
+        None  # ``network_def`` of an imported bundle (architecture bundle)
+    )
 
     @model_validator(mode="after")
     def _no_reserved_arguments(self) -> NetworkSpec:
         reserved = {"spatial_dims", "in_channels", "out_channels"} & set(self.arguments)
-        if reserved:
+        if reserved and self.architecture is not Architecture.BUNDLE:
             raise ValueError(f"network.arguments must not set {sorted(reserved)}: the spec derives them")
+        if (self.architecture is Architecture.BUNDLE) != (self.bundle_network is not None):
+            raise ValueError(
+                "bundle_network is set exactly when architecture is bundle (medseg import-bundle)"
+            )
         return self
 
 
@@ -193,6 +201,14 @@ class ModelSpec(_Frozen):
             raise ValueError("labels must list at least one structure")
         if values != list(range(1, len(values) + 1)):
             raise ValueError(f"label values must be 1..n in order (output channel = value), got {values}")
+        if (
+            self.network.architecture is Architecture.BUNDLE
+            and self.uncertainty.stochastic is Stochastic.HEAD
+        ):
+            raise ValueError(
+                "uncertainty.stochastic must be 'all' for an imported bundle: its network has no medseg head,"
+                " Monte-Carlo samples come from its own dropout layers"
+            )
         missing = set(self.modalities) - set(self.preprocessing.intensity)
         if missing:
             raise ValueError(f"preprocessing.intensity has no transform for modalities {sorted(missing)}")

@@ -18,6 +18,23 @@ from torch import nn
 from medseg.model_spec import Architecture, ModelSpec, ModelSpecError, Stochastic
 
 
+def _bundle_network(spec: ModelSpec) -> nn.Module:
+    """Instantiate an imported bundle's ``network_def`` with MONAI's bundle parser.
+
+    The ``_target_`` lookup by class name is the MONAI bundle format itself; it is confined to networks a
+    hospital chose to import, never used for medseg's own specs.
+    """
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser({"network_def": spec.network.bundle_network})
+    network = parser.get_parsed_content("network_def")
+    if not isinstance(network, nn.Module):
+        raise ModelSpecError(
+            f"model {spec.name}: bundle network_def built {type(network).__name__}, not a network"
+        )
+    return network
+
+
 def _trunk(spec: ModelSpec) -> nn.Module:
     net = spec.network
     args: dict[str, Any] = dict(net.arguments)
@@ -38,6 +55,8 @@ def _trunk(spec: ModelSpec) -> nn.Module:
         if spec.uncertainty.stochastic is Stochastic.ALL:
             args.setdefault("dropout", spec.uncertainty.dropout)
         return DynUNet(**common, **args)
+    if net.architecture is Architecture.BUNDLE:
+        return _bundle_network(spec)
     if net.architecture is Architecture.SWINUNETR:
         if spec.uncertainty.stochastic is Stochastic.ALL:
             args.setdefault("drop_rate", spec.uncertainty.dropout)
@@ -57,9 +76,12 @@ class SegmentationNet(nn.Module):
                 f"model {spec.name}: cannot build {spec.network.architecture} with arguments "
                 f"{spec.network.arguments}: {err}"
             ) from err
+        self.has_head = spec.network.architecture is not Architecture.BUNDLE
         self.activation = nn.LeakyReLU(0.01)
         self.dropout = nn.Dropout3d(spec.uncertainty.dropout)  # channel-wise: one mask per feature map
         self.classifier = nn.Conv3d(spec.network.features, spec.num_classes, kernel_size=1)
+        if not self.has_head:  # an imported bundle's network already ends in logits
+            self.activation, self.dropout, self.classifier = nn.Identity(), nn.Identity(), nn.Identity()  # type: ignore[assignment]
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.activation(self.trunk(x))
