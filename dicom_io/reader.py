@@ -13,15 +13,14 @@ from datetime import datetime
 
 import numpy as np
 import numpy.typing as npt
-import pydicom.pixels
 from pydicom.dataset import Dataset
 
 from dicom_io import units
-from dicom_io.discovery import InstanceHeader, ProgressCallback, Source, discover
+from dicom_io.decoding import FrameDecoder
+from dicom_io.discovery import ProgressCallback, Source, discover
 from dicom_io.errors import (
     DicomIOError,
     InconsistentSeriesError,
-    PixelDecodeError,
     UnsupportedInputError,
 )
 from dicom_io.geometry import GeometryOptions, GeometryPlan, plan_geometry, resample_stack
@@ -104,8 +103,14 @@ def check_candidate(candidate: VolumeCandidate, options: ReadOptions) -> Geometr
 def _check_consistent(candidate: VolumeCandidate) -> None:
     label = series_label(candidate)
     first = candidate.frames[0].instance.header
-    for key in ("BitsAllocated", "PixelRepresentation", "SamplesPerPixel", "PhotometricInterpretation"):
-        values = {str(f.instance.header.get(key, "")) for f in candidate.frames}
+    pixels = list({f.instance.name: f.instance.image_pixel for f in candidate.frames}.values())
+    for key, attribute in (
+        ("BitsAllocated", "bits_allocated"),
+        ("PixelRepresentation", "pixel_representation"),
+        ("SamplesPerPixel", "samples_per_pixel"),
+        ("PhotometricInterpretation", "photometric_interpretation"),
+    ):
+        values = {str(getattr(p, attribute)) for p in pixels}
         if len(values) > 1:
             raise InconsistentSeriesError(f"{label}: {key} differs between instances: {sorted(values)}")
     if int(first.get("SamplesPerPixel", 1) or 1) != 1:
@@ -123,10 +128,9 @@ def read_candidate(candidate: VolumeCandidate, options: ReadOptions | None = Non
     first = frames[0]
     stack = np.empty((len(frames), first.rows, first.columns), dtype=np.float32)
     converter = _unit_converter(candidate, label)
-    decoded: dict[str, npt.NDArray[np.generic]] = {}  # multi-frame instance -> all its frames, decoded once
+    decoder = FrameDecoder()
     for k, frame in enumerate(frames):
-        raw, ds = _decode_frame(frame, decoded)
-        stack[k] = converter(raw, frame, ds)
+        converter(decoder.decode(frame), frame, frame.instance.header, stack[k])
     array = stack
     if plan.resample is not None:
         array = resample_stack(stack, plan.resample, fill_value=float(stack.min()))
@@ -186,75 +190,25 @@ def read_volume(source: Source, options: ReadOptions | None = None) -> ImageVolu
     )
 
 
-def _decode_frame(
-    frame: FrameHeader, decoded: dict[str, npt.NDArray[np.generic]]
-) -> tuple[npt.NDArray[np.generic], Dataset]:
-    inst = frame.instance
-    ts = str(getattr(inst.header.get("file_meta", Dataset()), "TransferSyntaxUID", "") or "")
-    if frame.frame_number is not None and inst.name in decoded:
-        return decoded[inst.name][frame.frame_number - 1], inst.header
-    _check_decoder(inst, ts)
-    location = inst.location
-    try:
-        if location.path is not None and location.zip_member is None:
-            # reads only the pixel-describing elements and the pixel data itself: no second full parse
-            ds = inst.header
-            pixels = pydicom.pixels.pixel_array(location.path)
-        else:
-            ds = location.read(stop_before_pixels=False)
-            pixels = ds.pixel_array
-    except DicomIOError:
-        raise
-    except Exception as err:  # decoders raise many types; all mean "these pixels cannot be decoded"
-        raise PixelDecodeError(
-            f"{inst.name}: pixel data cannot be decoded (transfer syntax {ts or 'unknown'}): {err}"
-        ) from err
-    expected = (frame.rows, frame.columns)
-    if frame.frame_number is None:
-        if pixels.shape != expected:
-            raise InconsistentSeriesError(
-                f"{inst.name}: pixel array {pixels.shape} does not match Rows x Columns"
-            )
-        return pixels, ds
-    if pixels.ndim == 2:
-        pixels = pixels[np.newaxis]
-    decoded.clear()  # keep one multi-frame instance in memory at a time
-    decoded[inst.name] = pixels
-    return pixels[frame.frame_number - 1], ds
-
-
-def _check_decoder(inst: InstanceHeader, ts: str) -> None:
-    if not ts:
-        return  # datasets in memory without file meta: pydicom decides from the dataset itself
-    try:
-        decoder = pydicom.pixels.get_decoder(ts)
-    except NotImplementedError as err:
-        raise UnsupportedInputError(
-            f"{inst.name}: transfer syntax {ts} ({pydicom.uid.UID(ts).name}) is not supported for pixel data"
-        ) from err
-    if not decoder.is_available:
-        raise UnsupportedInputError(
-            f"{inst.name}: no decoder installed for transfer syntax {ts} ({pydicom.uid.UID(ts).name}); "
-            "install the project's decoders (python-gdcm, pylibjpeg-openjpeg, pylibjpeg-rle)"
-        )
-
-
-Converter = Callable[[npt.NDArray[np.generic], FrameHeader, Dataset], npt.NDArray[np.float32]]
+# Writes one frame's stored values, in physical units, into its slice of the volume.
+Converter = Callable[[npt.NDArray[np.generic], FrameHeader, Dataset, npt.NDArray[np.float32]], object]
 
 
 def _unit_converter(candidate: VolumeCandidate, label: str) -> Converter:
     modality = candidate.modality
     if modality in (Modality.CT, Modality.MR):
-        return lambda raw, f, _ds: units.rescale(raw, f.rescale_slope, f.rescale_intercept)
+        return lambda raw, f, _ds, out: units.rescale(raw, f.rescale_slope, f.rescale_intercept, out=out)
     if modality in (Modality.CR, Modality.DX):
-        return lambda raw, _f, ds: units.projection_presentation(raw, ds)
+        return lambda raw, _f, ds, out: np.copyto(out, units.projection_presentation(raw, ds))
     if modality == Modality.PT:
         header = candidate.frames[0].instance.header
         try:
             factor = units.suv_body_weight_factor(header, scan_start=_earliest_acquisition(candidate))
         except DicomIOError as err:
             raise type(err)(f"{label}: {err}") from err
-        return lambda raw, f, _ds: units.rescale(raw, f.rescale_slope * factor, f.rescale_intercept * factor)
+        return lambda raw, f, _ds, out: units.rescale(
+            raw, f.rescale_slope * factor, f.rescale_intercept * factor, out=out
+        )
     raise UnsupportedInputError(f"{label}: modality {modality} has no physical-unit conversion")
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from dicom_io.discovery import Discovery, InstanceHeader, SkippedFile
+from dicom_io.discovery import Discovery, InstanceHeader, SkippedFile, header_value
 from dicom_io.volume import Modality
 
 # SOP classes read as volumes (PS3.4 B.5), by the modality they carry.
@@ -39,6 +39,9 @@ SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
 LOCALIZER_IMAGE_TYPES = frozenset({"LOCALIZER", "SCOUT", "SURVIEW", "TOPOGRAM", "REF_SURVIEW"})
 MOSAIC_IMAGE_TYPE = "MOSAIC"
 UNIDENTIFIED_SERIES_PREFIX = "no-uid:"
+# Tags tested for presence only (an int tag avoids pydicom's keyword lookup).
+PIXEL_DATA, FLOAT_PIXEL_DATA = 0x7FE00010, 0x7FE00008
+PER_FRAME_FUNCTIONAL_GROUPS, SHARED_FUNCTIONAL_GROUPS = 0x52009230, 0x52009229
 # ImageType values beyond the third are vendor-defined (PS3.3 C.7.6.1.1.2); of those, only the ones naming a
 # complex component separate volumes (magnitude vs phase), as in dcm2niix. Others (GE's "ADD") do not.
 COMPLEX_COMPONENT_TYPES = frozenset({"M", "P", "R", "I", "MAGNITUDE", "PHASE", "REAL", "IMAGINARY", "MIXED"})
@@ -162,7 +165,7 @@ def _joined(values: Sequence[str]) -> str:
 
 
 def _image_type(header: Dataset) -> tuple[str, ...]:
-    value = header.get("ImageType")
+    value = header_value(header, "ImageType")
     if value is None:
         return ()
     return tuple(str(v).upper() for v in ([value] if isinstance(value, str) else value))
@@ -178,11 +181,20 @@ def _frame_type(item: Dataset, header: Dataset) -> tuple[str, ...]:
 def frame_headers(instance: InstanceHeader) -> list[FrameHeader]:
     """One ``FrameHeader`` per frame of an instance (single- or multi-frame)."""
     h = instance.header
-    rows, columns = int(h.get("Rows", 0) or 0), int(h.get("Columns", 0) or 0)
-    n_frames = int(h.get("NumberOfFrames", 1) or 1)
-    if "PerFrameFunctionalGroupsSequence" not in h and "SharedFunctionalGroupsSequence" not in h:
-        spacing = _floats(h.get("PixelSpacing")) or _floats(h.get("ImagerPixelSpacing"))
-        position = _floats(h.get("ImagePositionPatient"))
+    pixel = instance.image_pixel
+    rows, columns = int(pixel.rows or 0), int(pixel.columns or 0)
+    n_frames = int(pixel.number_of_frames or 1)
+    if PER_FRAME_FUNCTIONAL_GROUPS not in h and SHARED_FUNCTIONAL_GROUPS not in h:
+        spacing = _floats(header_value(h, "PixelSpacing")) or _floats(header_value(h, "ImagerPixelSpacing"))
+        position = _floats(header_value(h, "ImagePositionPatient"))
+        orientation = _floats(header_value(h, "ImageOrientationPatient"))
+        thickness = _float(header_value(h, "SliceThickness"))
+        slope = _float(header_value(h, "RescaleSlope")) or 1.0
+        intercept = _float(header_value(h, "RescaleIntercept")) or 0.0
+        image_type = _image_type(h)
+        echo_time = _float(header_value(h, "EchoTime"))
+        acquisition = _int(header_value(h, "AcquisitionNumber"))
+        temporal = _int(header_value(h, "TemporalPositionIdentifier"))
         return [
             FrameHeader(
                 instance=instance,
@@ -190,17 +202,17 @@ def frame_headers(instance: InstanceHeader) -> list[FrameHeader]:
                 position=None
                 if position is None or len(position) != 3
                 else (position[0], position[1], position[2]),
-                orientation=_floats(h.get("ImageOrientationPatient")),
+                orientation=orientation,
                 pixel_spacing=None if spacing is None or len(spacing) != 2 else (spacing[0], spacing[1]),
                 rows=rows,
                 columns=columns,
-                slice_thickness=_float(h.get("SliceThickness")),
-                rescale_slope=_float(h.get("RescaleSlope")) or 1.0,
-                rescale_intercept=_float(h.get("RescaleIntercept")) or 0.0,
-                image_type=_image_type(h),
-                echo_time=_float(h.get("EchoTime")),
-                acquisition_number=_int(h.get("AcquisitionNumber")),
-                temporal_index=_int(h.get("TemporalPositionIdentifier")),
+                slice_thickness=thickness,
+                rescale_slope=slope,
+                rescale_intercept=intercept,
+                image_type=image_type,
+                echo_time=echo_time,
+                acquisition_number=acquisition,
+                temporal_index=temporal,
                 stack_id=None,
             )
             for i in range(n_frames)
@@ -255,7 +267,7 @@ def exclusion_reason(instance: InstanceHeader, *, include_derived: bool) -> str 
     if sop_class not in VOLUME_SOP_CLASSES:
         name = UID(sop_class).name if sop_class else "missing SOPClassUID"
         return f"SOP class {name} ({sop_class}) is not an image volume this reader handles"
-    if "PixelData" not in header and "FloatPixelData" not in header and not _has_pixels(header):
+    if PIXEL_DATA not in header and FLOAT_PIXEL_DATA not in header and not _has_pixels(instance):
         return "no Pixel Data (7FE0,0010)"
     image_type = _image_type(header)
     if LOCALIZER_IMAGE_TYPES & set(image_type):
@@ -270,9 +282,9 @@ def exclusion_reason(instance: InstanceHeader, *, include_derived: bool) -> str 
     return None
 
 
-def _has_pixels(header: Dataset) -> bool:
+def _has_pixels(instance: InstanceHeader) -> bool:
     # headers are read with stop_before_pixels, so pixel data is never present; trust Rows/Columns then
-    return bool(header.get("Rows")) and bool(header.get("Columns"))
+    return bool(instance.image_pixel.rows) and bool(instance.image_pixel.columns)
 
 
 def _rounded(values: Sequence[float] | None, decimals: int) -> tuple[float, ...] | None:
@@ -348,7 +360,7 @@ def build_inventory(discovery: Discovery, *, include_derived: bool = False) -> I
     skipped = list(discovery.skipped)
     for inst in discovery.instances:
         h = inst.header
-        series_uid = str(h.get("SeriesInstanceUID", "") or "")
+        series_uid = str(header_value(h, "SeriesInstanceUID", "") or "")
         if not series_uid:
             # Tolerant reading (anonymizers sometimes blank UIDs): group by what identifies a series instead,
             # and say so in the series notes. Writers later refuse to reference an empty UID.
@@ -356,7 +368,7 @@ def build_inventory(discovery: Discovery, *, include_derived: bool = False) -> I
                 str(h.get(k, "") or "")
                 for k in ("FrameOfReferenceUID", "SeriesNumber", "SeriesDescription", "Modality")
             )
-        by_series[(str(h.get("StudyInstanceUID", "") or ""), series_uid)].append(inst)
+        by_series[(str(header_value(h, "StudyInstanceUID", "") or ""), series_uid)].append(inst)
 
     entries = []
     for (study_uid, series_uid), instances in by_series.items():

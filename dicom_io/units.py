@@ -54,12 +54,16 @@ def _attr(keyword: str) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def rescale(raw: npt.ArrayLike, slope: float, intercept: float) -> npt.NDArray[np.float32]:
+def rescale(
+    raw: npt.ArrayLike, slope: float, intercept: float, *, out: npt.NDArray[np.float32] | None = None
+) -> npt.NDArray[np.float32]:
     """Apply the linear Modality LUT ``slope * raw + intercept`` (PS3.3 C.11.1.1.2).
 
     Computed in float64 and returned as float32, so that 16-bit stored values with a non-integer slope
     lose no precision before the final cast. Slope and intercept are per instance (GE and Philips vary
-    them per slice), so the reader calls this once per frame.
+    them per slice), so the reader calls this once per frame, writing into its slice of the volume
+    (``out``). Where every intermediate value is an integer below 2**24 (8/16-bit stored values, integer
+    slope and intercept: the usual CT), float32 arithmetic is exact and gives the same values faster.
 
     Raises
     ------
@@ -72,8 +76,29 @@ def rescale(raw: npt.ArrayLike, slope: float, intercept: float) -> npt.NDArray[n
         )
     if not math.isfinite(intercept):
         raise InconsistentSeriesError(f"{_attr('RescaleIntercept')} is {intercept!r}: it must be finite")
-    out = np.asarray(raw, dtype=np.float64) * float(slope) + float(intercept)
-    return out.astype(np.float32)
+    values = np.asarray(raw)
+    if out is None:
+        out = np.empty(values.shape, dtype=np.float32)
+    slope, intercept = float(slope), float(intercept)
+    if _exact_in_float32(values.dtype, slope, intercept):
+        np.copyto(out, values, casting="unsafe")
+        if slope != 1.0:
+            np.multiply(out, np.float32(slope), out=out)
+        if intercept != 0.0:
+            np.add(out, np.float32(intercept), out=out)
+    else:
+        wide = np.multiply(values, slope, dtype=np.float64)
+        np.add(wide, intercept, out=wide)
+        np.copyto(out, wide, casting="same_kind")
+    return out
+
+
+def _exact_in_float32(dtype: np.dtype[Any], slope: float, intercept: float) -> bool:
+    """Whether ``slope * v + intercept`` is an exact float32 integer for every value of ``dtype``."""
+    if dtype.kind not in "iu" or dtype.itemsize > 2 or not (slope.is_integer() and intercept.is_integer()):
+        return False
+    largest = float(max(abs(int(np.iinfo(dtype).min)), int(np.iinfo(dtype).max)))
+    return largest * abs(slope) + abs(intercept) < 2.0**24
 
 
 def hounsfield(raw: npt.ArrayLike, slope: float, intercept: float) -> npt.NDArray[np.float32]:

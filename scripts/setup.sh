@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 need=()
 command -v dciodvfy >/dev/null 2>&1 || need+=(dicom3tools)
 command -v dcmdump >/dev/null 2>&1 || need+=(dcmtk)
+command -v ojph_compress >/dev/null 2>&1 || need+=(openjph-tools)  # HTJ2K reference encoder/decoder (tests)
 if ((${#need[@]})); then
   echo "setup: installing Debian packages: ${need[*]}"
   sudo_cmd=""; [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
