@@ -23,6 +23,7 @@ from scipy import ndimage
 
 from dicom_io.ai_result import LesionFinding, StructureMeasurements
 from dicom_io.volume import ImageVolume, IntensityUnit
+from medseg.lesions import lesion_findings
 from medseg.model import Model
 from medseg.model_spec import ModelSpec, ReviewSpec
 from medseg.preprocess import ModelGrid, argmax_to_source, map_to_source, to_model
@@ -236,6 +237,7 @@ def infer(
         num_classes=spec.num_classes,
         weights=weights,
         generator=torch.Generator().manual_seed(seed),
+        focal_labels=[label.value for label in spec.labels if label.focal],
     )
     torch.manual_seed(seed)  # dropout inside the trunk (stochastic: all) draws from the global generator
     autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
@@ -256,6 +258,14 @@ def infer(
     mean_p = out[:c]
     predictive = entropy(mean_p, dim=0)
     mutual = out[2 * c].clamp_min(0.0)
+    focal = [label.value for label in spec.labels if label.focal]
+    lesions = tuple(
+        finding
+        for i, label in enumerate(focal)
+        for finding in lesion_findings(
+            mean_p[label], out[c + label], out[2 * c + 1 + i], model_input.grid, spec.review
+        )
+    )
     mark("network")
 
     label_map = argmax_to_source(mean_p, model_input.grid)
@@ -283,7 +293,7 @@ def infer(
         mean_probabilities=mean_p,
         grid=model_input.grid,
         structures=structures,
-        lesions=(),
+        lesions=lesions,
         samples=n,
         seed=seed,
         model_name=spec.name,

@@ -160,7 +160,8 @@ class ReviewSpec(_Frozen):
     max_mean_mutual_information: Positive = 0.05  # nats
     min_sample_agreement: Probability = 0.9  # mean pairwise Dice between Monte-Carlo samples
     max_volume_cv: Positive = 0.1  # volume spread / volume
-    min_lesion_detection_rate: Probability = 0.7
+    min_lesion_detection_rate: Probability = 0.7  # share of samples that found the lesion
+    max_lesion_score_spread: Positive = 0.15  # standard deviation of its score over samples
 
 
 class TrainingSpec(_Frozen):

@@ -127,6 +127,29 @@ def to_model(volume: ImageVolume, spec: ModelSpec) -> ModelInput:
     return ModelInput(image=image, grid=grid)
 
 
+def align_to_volume(
+    array: npt.NDArray[np.integer], affine: npt.NDArray[np.float64], volume: ImageVolume, *, what: str
+) -> npt.NDArray[np.integer]:
+    """Reindex a label map given with its own LPS affine onto ``volume``'s (slice, row, column) grid.
+
+    Label files store their own index order (a series written head to feet is read back sorted along the
+    slice normal, so the two can run in opposite directions); only permutations and flips are allowed, and
+    the result must then share the volume's affine, or this is an error naming ``what``.
+    """
+    transform = orientations.ornt_transform(
+        orientations.io_orientation(affine), orientations.io_orientation(volume.affine)
+    )
+    aligned = np.ascontiguousarray(orientations.apply_orientation(array, transform))
+    aligned_affine = affine @ orientations.inv_ornt_aff(transform, array.shape)
+    if aligned.shape != volume.array.shape or not np.allclose(aligned_affine, volume.affine, atol=1e-2):
+        raise ValueError(
+            f"{what}: label map grid {array.shape} does not lie on series "
+            f"{volume.series.series_instance_uid} {volume.array.shape} (affines differ by more than a "
+            "permutation/flip); resample it first"
+        )
+    return aligned
+
+
 def labels_to_model(labels: npt.NDArray[np.integer], grid: ModelGrid) -> torch.Tensor:
     """A label map on the source grid moved onto the model grid (nearest), shape (1, X, Y, Z), int64."""
     oriented = _orient(labels.astype(np.int16), grid.ornt)

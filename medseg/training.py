@@ -36,7 +36,7 @@ from dicom_io.reader import read_volume
 from medseg.model import Model, ModelProvenance, load_model, save_model
 from medseg.model_spec import ModelSpec, TrainingSpec
 from medseg.networks import SegmentationNet
-from medseg.preprocess import labels_to_model, to_model
+from medseg.preprocess import align_to_volume, labels_to_model, to_model
 from medseg.synth.dataset import Split, SynthDataset, load_dataset, load_label_map
 
 log = logging.getLogger(__name__)
@@ -64,9 +64,8 @@ def load_cases(
         if sites and entry.site not in sites:
             continue
         volume = read_volume(dataset.image_dir(entry))
-        labels, _ = load_label_map(dataset.label_map(entry))
-        if labels.shape != volume.array.shape:
-            raise ValueError(f"case {entry.case_id}: label map {labels.shape} != image {volume.array.shape}")
+        labels, label_affine = load_label_map(dataset.label_map(entry))
+        labels = align_to_volume(labels, label_affine, volume, what=f"case {entry.case_id}")
         model_input = to_model(volume, spec)
         cases.append(
             TrainingCase(

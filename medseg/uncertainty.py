@@ -70,9 +70,10 @@ class SampleStructureStats:
 class MonteCarloSampler:
     """A ``sliding_window_inference`` predictor (``with_coord=True``) that samples dropout masks.
 
-    Returns per window the channels ``[mean p (C), var p (C), mutual information (1)]``; mutual
-    information is computed inside each window (across samples only), so that disagreement between
-    overlapping windows is not mistaken for disagreement between samples.
+    Returns per window the channels ``[mean p (C), var p (C), mutual information (1), votes (F)]``;
+    mutual information is computed inside each window (across samples only), so that disagreement between
+    overlapping windows is not mistaken for disagreement between samples; ``votes`` is, per focal label,
+    the fraction of samples whose label is that one (what lesion findings are built from).
     ``weights`` is 1 / (number of windows covering each voxel), so per-sample volumes add up exactly once.
     With ``stochastic: head`` the masks come from ``generator`` (seeded by the caller), one per sample and
     feature channel, and are shared by all windows: sample ``s`` is the same network everywhere.
@@ -87,6 +88,7 @@ class MonteCarloSampler:
         num_classes: int,
         weights: torch.Tensor,
         generator: torch.Generator,
+        focal_labels: Sequence[int] = (),
         samples_per_batch: int | None = None,
     ) -> None:
         self.net = net
@@ -95,6 +97,7 @@ class MonteCarloSampler:
         self.num_classes = num_classes
         self.weights = weights  # (X, Y, Z) on the (padded) model grid
         self.samples_per_batch = samples_per_batch or samples
+        self.focal_labels = tuple(focal_labels)
         self.volumes = torch.zeros(samples, num_classes, dtype=torch.float64)
         self.overlaps = torch.zeros(num_classes, samples, samples, dtype=torch.float64)
         self.head_weights = self._masked_head_weights(generator) if stochastic is Stochastic.HEAD else None
@@ -136,14 +139,15 @@ class MonteCarloSampler:
             probs = log_p.exp()
             moments.update(probs)
             sample_entropy.update(-(probs * log_p).sum(dim=2))
-            if self.samples > 1:
-                labels.append(_argmax_classes(logits))
+            labels.append(_argmax_classes(logits))
             done += n
-        if labels:
-            self._accumulate_structures(torch.cat(labels), locations)
+        per_sample = torch.cat(labels)
+        if self.samples > 1:
+            self._accumulate_structures(per_sample, locations)
         assert moments.mean is not None and sample_entropy.mean is not None
         mutual = (entropy(moments.mean, dim=1) - sample_entropy.mean).clamp_min(0.0)
-        return torch.cat([moments.mean, moments.variance, mutual[:, None]], dim=1)
+        votes = [(per_sample == label).float().mean(dim=0)[:, None] for label in self.focal_labels]
+        return torch.cat([moments.mean, moments.variance, mutual[:, None], *votes], dim=1)
 
     def _accumulate_structures(self, labels: torch.Tensor, locations: Sequence[Sequence[slice]]) -> None:
         """labels: (samples, B, X, Y, Z) per-sample argmax of the windows at ``locations``."""

@@ -218,3 +218,43 @@ def test_model_folder_detects_changed_weights(tmp_path: Path) -> None:
         load_model(model.folder)
     with pytest.raises(ModelSpecError, match="no shipped model of that name"):
         load_model("no_such_model")
+
+
+def test_lesion_findings_from_votes_and_moments() -> None:
+    from medseg.lesions import lesion_findings
+    from medseg.model_spec import ReviewSpec
+
+    spec = parse_spec(_small_spec(), "t")
+    grid = plan_grid((30, 30, 30), np.diag([2.0, 2.0, 2.0, 1.0]), spec.model_copy(update={}))
+    shape = grid.shape
+    p, var, votes = torch.zeros(shape), torch.zeros(shape), torch.zeros(shape)
+    votes[2:4, 2:4, 2:4] = 1.0  # found by every sample
+    votes[1, 2:4, 2:4] = 0.3  # some samples reach one voxel further
+    p[2:4, 2:4, 2:4] = 0.9
+    var[2:4, 2:4, 2:4] = 0.01
+    votes[7, 7, 7] = 0.1  # one sample in ten: dropped as noise
+    votes[8, 1, 8] = 0.4  # a doubtful one
+    p[8, 1, 8] = 0.45
+    var[8, 1, 8] = 0.09
+    findings = lesion_findings(p, var, votes, grid, ReviewSpec())
+    assert len(findings) == 2
+    sure, doubtful = findings
+    assert sure.index == 1 and sure.detection_rate == 1.0 and sure.score == pytest.approx(0.9)
+    assert not sure.needs_review and sure.box_spread_mm > 0
+    assert sure.box_min_lps[0] < sure.centre_lps[0] < sure.box_max_lps[0]
+    assert doubtful.needs_review and doubtful.detection_rate == pytest.approx(0.4)
+    assert doubtful.score_spread == pytest.approx(0.3)
+
+
+def test_label_map_alignment_flips_and_refuses(tmp_path: Path) -> None:
+    from medseg.preprocess import align_to_volume
+
+    volume, labels = _volume(matrix=32, slices=8)
+    flip = np.diag([-1.0, 1.0, 1.0, 1.0])
+    flip[0, 3] = 7
+    flipped_affine = volume.affine @ flip
+    np.testing.assert_array_equal(
+        align_to_volume(labels[::-1], flipped_affine, volume, what="case x"), labels
+    )
+    with pytest.raises(ValueError, match=r"case x: label map grid .* does not lie on series"):
+        align_to_volume(labels[:, :16], volume.affine, volume, what="case x")

@@ -1,0 +1,175 @@
+"""Inference speed: Monte-Carlo vs one deterministic pass, and medseg vs the naive MONAI recipe.
+
+Writes one synthetic 512x512xN CT series, then runs each variant in a fresh subprocess (so peak memory is
+each variant's own) in the same run on the same machine:
+
+- ``det``: medseg, read + one deterministic pass (samples=1);
+- ``mc``: medseg, read + Monte-Carlo with ``--samples`` samples;
+- ``naive``: the recipe people write from MONAI's tutorials with the same weights: LoadImage (PydicomReader),
+  EnsureChannelFirst, Orientation, ScaleIntensityRange, Spacing, ``model.train()``, ``--samples`` separate
+  ``sliding_window_inference`` calls, mean softmax, SpatialResample back, argmax.
+
+Prints the two ratios the issue asks for (MC / deterministic inference, naive / medseg whole stage), the
+agreement between the naive and medseg label maps (mean foreground Dice), and peak RSS per variant.
+
+    .venv/bin/python benchmarks/bench_inference.py --slices 300 --samples 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _write_series(folder: Path, slices: int) -> Path:
+    from medseg.synth import Split, load_site, synthesize_case, write_case
+
+    case = synthesize_case(load_site("site_a"), 5, 0, slices=slices)
+    entry = write_case(case, folder / "case", manifest_root=folder, split=Split.TEST)
+    return folder / entry.image_dir
+
+
+def _variant_medseg(series: Path, model_name: str, samples: int, out: Path) -> dict[str, float]:
+    import torch
+
+    from dicom_io.reader import read_volume
+    from medseg.inference import infer
+    from medseg.model import load_model
+
+    model = load_model(model_name)
+    t0 = time.perf_counter()
+    volume = read_volume(series)
+    t1 = time.perf_counter()
+    prediction = infer(volume, model, samples=samples)
+    t2 = time.perf_counter()
+    np.save(out / "labels.npy", prediction.label_map)
+    np.save(out / "affine.npy", volume.affine)
+    del torch
+    return {"read": t1 - t0, "inference": t2 - t1, "total": t2 - t0, **prediction.seconds}
+
+
+def _variant_naive(series: Path, model_name: str, samples: int, out: Path) -> dict[str, float]:
+    import torch
+    from monai.inferers import sliding_window_inference
+    from monai.transforms import (
+        EnsureChannelFirst,
+        LoadImage,
+        Orientation,
+        ScaleIntensityRange,
+        Spacing,
+        SpatialResample,
+    )
+
+    from medseg.model import load_model
+
+    model = load_model(model_name)
+    spec = model.spec
+    window = spec.preprocessing.intensity[spec.modalities[0]]
+    t0 = time.perf_counter()
+    image = EnsureChannelFirst()(LoadImage(image_only=True, reader="PydicomReader")(str(series)))
+    t1 = time.perf_counter()
+    loaded = Orientation(axcodes="LPS")(image)
+    scaled = ScaleIntensityRange(a_min=window.low, a_max=window.high, b_min=-1.0, b_max=1.0, clip=True)(loaded)
+    resampled = Spacing(pixdim=spec.preprocessing.spacing_mm, mode="bilinear")(scaled)
+    model.network.train()  # the usual way to "turn on dropout" (also puts every norm layer in training mode)
+    probabilities = None
+    with torch.no_grad():
+        for _ in range(samples):
+            logits = sliding_window_inference(
+                resampled[None], spec.inference.roi_size, 1, model.network, overlap=spec.inference.overlap
+            )
+            softmax = torch.softmax(torch.as_tensor(logits), dim=1)[0]
+            probabilities = softmax if probabilities is None else probabilities + softmax
+    assert probabilities is not None
+    mean = probabilities / samples
+    from monai.data import MetaTensor
+
+    mean = MetaTensor(mean, affine=resampled.affine)
+    back = SpatialResample(mode="bilinear")(mean, dst_affine=image.affine, spatial_size=image.shape[1:])
+    labels = torch.as_tensor(back).argmax(0).numpy().astype(np.uint8)
+    t2 = time.perf_counter()
+    np.save(out / "labels.npy", labels)
+    np.save(out / "affine.npy", np.asarray(image.affine))  # RAS, MONAI reader axis order
+    return {"read": t1 - t0, "inference": t2 - t1, "total": t2 - t0}
+
+
+def _child(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    run = _variant_naive if args.variant == "naive" else _variant_medseg
+    samples = 1 if args.variant == "det" else args.samples
+    seconds = run(Path(args.series), args.model, samples, out)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    (out / "result.json").write_text(json.dumps({"seconds": seconds, "peak_rss_mb": peak_mb}))
+
+
+def _to_medseg_order(labels: np.ndarray, ras_affine: np.ndarray, lps_affine: np.ndarray) -> np.ndarray:
+    """Reorder the naive (MONAI x, y, z with a RAS affine) label map onto medseg's (slice, row, column)."""
+    from nibabel import orientations
+
+    lps_from_ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ ras_affine
+    transform = orientations.ornt_transform(
+        orientations.io_orientation(lps_from_ras), orientations.io_orientation(lps_affine)
+    )
+    return np.asarray(orientations.apply_orientation(labels, transform))
+
+
+def _dice(a: np.ndarray, b: np.ndarray, classes: int) -> float:
+    scores = []
+    for c in range(1, classes):
+        total = int((a == c).sum()) + int((b == c).sum())
+        if total:
+            scores.append(2.0 * int(((a == c) & (b == c)).sum()) / total)
+    return float(np.mean(scores))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--samples", type=int, default=10)
+    parser.add_argument("--model", default="default_ct")
+    parser.add_argument("--variant", choices=["det", "mc", "naive"], help=argparse.SUPPRESS)
+    parser.add_argument("--series", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:
+        _child(args)
+        return
+    from medseg.model import load_model
+
+    classes = load_model(args.model).spec.num_classes
+    with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:
+        root = Path(tmp)
+        series = _write_series(root, args.slices)
+        results = {}
+        for variant in ("det", "mc", "naive"):
+            out = root / variant
+            out.mkdir()
+            cmd = [sys.executable, __file__, "--variant", variant, "--series", str(series), "--out", str(out)]
+            cmd += ["--samples", str(args.samples), "--model", args.model]
+            subprocess.run(cmd, check=True)
+            results[variant] = json.loads((out / "result.json").read_text())
+            print(f"{variant:6s} {results[variant]}", flush=True)
+        ours = np.load(root / "mc" / "labels.npy")
+        naive = _to_medseg_order(
+            np.load(root / "naive" / "labels.npy"), np.load(root / "naive" / "affine.npy"), np.load(root / "mc" / "affine.npy")
+        )
+        agreement = _dice(ours, naive, classes) if ours.shape == naive.shape else float("nan")
+    det, mc, nv = (results[v]["seconds"] for v in ("det", "mc", "naive"))
+    print(f"\nCT {ours.shape[2]}x{ours.shape[1]}x{ours.shape[0]}, {args.samples} samples, model {args.model}")
+    print(f"MC / deterministic inference time:  {mc['inference'] / det['inference']:.2f}  (target <= 3.0)")
+    print(f"naive MONAI / medseg whole stage:    {nv['total'] / mc['total']:.2f}  (target >= 3.0)")
+    print(f"agreement naive vs medseg (Dice):    {agreement:.4f}  (target >= 0.99)")
+    for v in ("det", "mc", "naive"):
+        print(f"peak RSS {v:6s} {results[v]['peak_rss_mb']:.0f} MB, total {results[v]['seconds']['total']:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""The main job end to end: DICOM series in, gated SEG + Parametric Map + SR + summary out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+import torch
+import yaml
+
+from dicom_io.reader import read_volume
+from medseg.cli import main
+from medseg.model import Model, ModelProvenance, save_model
+from medseg.model_spec import MODELS_DIR, parse_spec
+from medseg.networks import SegmentationNet
+from medseg.pipeline import NothingToAnalyseError, run_pipeline
+from medseg.synth import Split, load_site, synthesize_case, write_case
+
+
+def _tiny_model(root: Path) -> Model:
+    data = yaml.safe_load((MODELS_DIR / "default_ct.yaml").read_text())
+    data["network"]["arguments"] = {
+        "channels": [4, 8, 16],
+        "strides": [2, 2],
+        "num_res_units": 0,
+        "norm": "instance",
+    }
+    data["network"]["features"] = 4
+    data["inference"]["roi_size"] = [32, 32, 32]
+    data["preprocessing"]["spacing_mm"] = [6.0, 6.0, 6.0]
+    data["uncertainty"]["samples"] = 3
+    spec = parse_spec(data, "tiny")
+    torch.manual_seed(0)
+    provenance = ModelProvenance(source="test", training_data="none", seed=0, command="", weights_sha256="")
+    return save_model(root / "model", spec, SegmentationNet(spec), provenance)
+
+
+def _series(root: Path, site: str = "site_a") -> Path:
+    case = synthesize_case(load_site(site), 4, 0, matrix=64, slices=20)
+    entry = write_case(case, root / "case", manifest_root=root, split=Split.TEST)
+    return root / entry.image_dir
+
+
+@pytest.mark.slow
+def test_run_writes_gated_objects_on_the_source_grid(tmp_path: Path) -> None:
+    model = _tiny_model(tmp_path)
+    series = _series(tmp_path)
+    out = tmp_path / "out"
+    summary = run_pipeline(series, out, model)
+    assert len(summary.series) == 1
+    written = summary.series[0]
+    assert all(check["passed"] for check in written.gate)
+    stored = json.loads((out / "summary.json").read_text())
+    assert stored["model"] == "default_ct" and stored["samples"] == 3
+    assert [row["name"] for row in stored["series"][0]["structures"]][:2] == ["Liver", "Spleen"]
+    seg = hd.seg.segread(written.outputs["seg"])
+    assert len(seg.SegmentSequence) == 8  # declared segments are kept even when empty
+    volume = read_volume(series)
+    assert seg.StudyInstanceUID == volume.series.study_instance_uid
+    source_uids = {f.sop_instance_uid for f in volume.frames}
+    referenced = {
+        ref.ReferencedSOPInstanceUID
+        for item in seg.ReferencedSeriesSequence
+        for ref in item.ReferencedInstanceSequence
+    }
+    assert referenced == source_uids
+    sr = pydicom.dcmread(written.outputs["sr"])
+    assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    assert (out / "model_spec.yaml").exists()
+
+
+def test_nothing_to_analyse_names_what_was_found(tmp_path: Path) -> None:
+    model = _tiny_model(tmp_path)
+    series = _series(tmp_path, site="site_mr")
+    with pytest.raises(NothingToAnalyseError, match="modality MR is not handled by model default_ct"):
+        run_pipeline(series, tmp_path / "out", model)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_run_reports_bad_input_without_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not DICOM")
+    model = _tiny_model(tmp_path)
+    assert main(["run", str(empty), "-o", str(tmp_path / "out"), "--model", str(model.folder)]) == 2
+    err = capsys.readouterr().err
+    assert "medseg run: error:" in err and "Traceback" not in err
+    assert main(["run", str(empty), "-o", str(tmp_path / "out"), "--model", "nope"]) == 2
+    assert "no shipped model of that name" in capsys.readouterr().err
+
+
+def test_label_map_written_matches_prediction(tmp_path: Path) -> None:
+    """The SEG read back by highdicom reproduces the pipeline's label map voxel for voxel."""
+    from medseg.inference import infer
+
+    model = _tiny_model(tmp_path)
+    series = _series(tmp_path)
+    volume = read_volume(series)
+    prediction = infer(volume, model)
+    out = tmp_path / "out"
+    summary = run_pipeline(series, out, model, preview=False)
+    seg = hd.seg.segread(summary.series[0].outputs["seg"])
+    for number, label in enumerate(model.spec.labels, start=1):
+        expected = prediction.label_map == label.value
+        if not expected.any():
+            continue
+        uids = [f.sop_instance_uid for f in volume.frames]
+        mask = seg.get_pixels_by_source_instance(
+            uids, segment_numbers=[number], ignore_spatial_locations=True
+        )
+        np.testing.assert_array_equal(mask[..., 0].astype(bool), expected)
