@@ -64,8 +64,8 @@ def load_cases(
         if sites and entry.site not in sites:
             continue
         volume = read_volume(dataset.image_dir(entry))
-        labels, label_affine = load_label_map(dataset.label_map(entry))
-        labels = align_to_volume(labels, label_affine, volume, what=f"case {entry.case_id}")
+        stored, label_affine = load_label_map(dataset.label_map(entry))
+        labels = align_to_volume(stored, label_affine, volume, what=f"case {entry.case_id}")
         model_input = to_model(volume, spec)
         cases.append(
             TrainingCase(

@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 need=()
 command -v dciodvfy >/dev/null 2>&1 || need+=(dicom3tools)
 command -v dcmdump >/dev/null 2>&1 || need+=(dcmtk)
+# pixelmed DicomSRValidator checks every SR in the output gate; the package pulls in a Java runtime
+[ -f /usr/share/java/pixelmed.jar ] && command -v java >/dev/null 2>&1 || need+=(pixelmed-apps)
 command -v ojph_compress >/dev/null 2>&1 || need+=(openjph-tools)  # HTJ2K reference encoder/decoder (tests)
 if ((${#need[@]})); then
   echo "setup: installing Debian packages: ${need[*]}"
