@@ -77,7 +77,8 @@ def _variant_naive(series: Path, model_name: str, samples: int, out: Path) -> di
     image = EnsureChannelFirst()(LoadImage(image_only=True, reader="PydicomReader")(str(series)))
     t1 = time.perf_counter()
     loaded = Orientation(axcodes="LPS")(image)
-    scaled = ScaleIntensityRange(a_min=window.low, a_max=window.high, b_min=-1.0, b_max=1.0, clip=True)(loaded)
+    intensity = ScaleIntensityRange(a_min=window.low, a_max=window.high, b_min=-1.0, b_max=1.0, clip=True)
+    scaled = intensity(loaded)
     resampled = Spacing(pixdim=spec.preprocessing.spacing_mm, mode="bilinear")(scaled)
     model.network.train()  # the usual way to "turn on dropout" (also puts every norm layer in training mode)
     probabilities = None
@@ -131,7 +132,9 @@ def _dice(a: np.ndarray, b: np.ndarray, classes: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--samples", type=int, default=10)
     parser.add_argument("--model", default="default_ct")
@@ -159,7 +162,9 @@ def main() -> None:
             print(f"{variant:6s} {results[variant]}", flush=True)
         ours = np.load(root / "mc" / "labels.npy")
         naive = _to_medseg_order(
-            np.load(root / "naive" / "labels.npy"), np.load(root / "naive" / "affine.npy"), np.load(root / "mc" / "affine.npy")
+            np.load(root / "naive" / "labels.npy"),
+            np.load(root / "naive" / "affine.npy"),
+            np.load(root / "mc" / "affine.npy"),
         )
         agreement = _dice(ours, naive, classes) if ours.shape == naive.shape else float("nan")
     det, mc, nv = (results[v]["seconds"] for v in ("det", "mc", "naive"))
@@ -168,7 +173,8 @@ def main() -> None:
     print(f"naive MONAI / medseg whole stage:    {nv['total'] / mc['total']:.2f}  (target >= 3.0)")
     print(f"agreement naive vs medseg (Dice):    {agreement:.4f}  (target >= 0.99)")
     for v in ("det", "mc", "naive"):
-        print(f"peak RSS {v:6s} {results[v]['peak_rss_mb']:.0f} MB, total {results[v]['seconds']['total']:.1f} s")
+        peak, total = results[v]["peak_rss_mb"], results[v]["seconds"]["total"]
+        print(f"peak RSS {v:6s} {peak:.0f} MB, total {total:.1f} s")
 
 
 if __name__ == "__main__":
