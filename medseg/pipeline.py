@@ -18,6 +18,7 @@ from typing import Any
 
 from dicom_io.ai_result import AnalysisResult, SegmentDescription, UncertaintyQuantity
 from dicom_io.reader import ReadResult, read_volumes
+from dicom_io.reidentify import assign_missing_uids as reidentify
 from dicom_io.result_writer import SegProfile, WrittenResults, write_results
 from dicom_io.volume import ImageVolume
 from medseg.inference import Prediction, infer
@@ -85,6 +86,7 @@ class SeriesSummary:
     outputs: dict[str, str]
     output_bytes: dict[str, int]
     gate: list[dict[str, Any]]
+    repairs: list[str]  # opt-in changes made to the source's identity before writing
     seconds: dict[str, float]
 
 
@@ -146,6 +148,7 @@ def run_pipeline(
     seed: int | None = None,
     profile: SegProfile = SegProfile.BROAD,
     preview: bool = True,
+    assign_missing_uids: bool = False,
     stage: StageCallback | None = None,
 ) -> RunSummary:
     """Analyse every volume in ``source`` that ``model`` handles; write results and ``summary.json``."""
@@ -173,7 +176,8 @@ def run_pipeline(
     out_dir.mkdir(parents=True, exist_ok=True)
     series = []
     n = samples if samples is not None else model.spec.uncertainty.samples
-    for index, volume in enumerate(usable):
+    for index, source_volume in enumerate(usable):
+        volume, repairs = reidentify(source_volume) if assign_missing_uids else (source_volume, ())
         t0 = time.perf_counter()
 
         def inference_stage(name: str, i: int = index) -> None:
@@ -208,6 +212,7 @@ def run_pipeline(
                 },
                 output_bytes=dict(written.sizes),
                 gate=[asdict(check) for check in written.gate.checks],
+                repairs=list(repairs),
                 seconds={
                     **{f"inference: {k}": round(v, 3) for k, v in prediction.seconds.items()},
                     "inference": round(t1 - t0, 3),

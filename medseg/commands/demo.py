@@ -21,7 +21,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--site", default="site_a", help="synthetic site profile (default site_a)")
     p.add_argument("--seed", type=int, default=0, help="case seed (default 0)")
-    p.set_defaults(func=run, model=None, samples=None, profile="broad", no_preview=False, device=None)
+    p.set_defaults(
+        func=run,
+        model=None,
+        samples=None,
+        profile="broad",
+        no_preview=False,
+        device=None,
+        assign_missing_uids=False,
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -32,6 +32,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-preview", action="store_true", help="skip the PNG preview")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument(
+        "--assign-missing-uids",
+        action="store_true",
+        help="series exported with empty Study/Series UIDs: assign deterministic ones in memory (reported)",
+    )
     p.set_defaults(func=run)
 
 
@@ -61,6 +66,8 @@ def print_summary(summary: RunSummary, console: Console) -> None:
                 f"score {lesion['score']:.2f} +/- {lesion['score_spread']:.2f}, found by "
                 f"{lesion['detection_rate']:.0%} of samples{' REVIEW' if lesion['needs_review'] else ''}"
             )
+        for repair in series.repairs:
+            console.print(f"  repaired (opt-in): {repair}")
         for kind, path in series.outputs.items():
             console.print(f"  {kind}: {path}")
         console.print(
@@ -94,6 +101,7 @@ def execute(
             seed=args.seed,
             profile=SegProfile(args.profile),
             preview=not args.no_preview,
+            assign_missing_uids=args.assign_missing_uids,
             stage=lambda name, done, total: status.update(f"{name} (series {done + 1}/{total})"),
         )
     print_summary(summary, Console(quiet=args.quiet))

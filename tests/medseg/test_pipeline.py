@@ -115,3 +115,43 @@ def test_label_map_written_matches_prediction(tmp_path: Path) -> None:
             uids, segment_numbers=[number], ignore_spatial_locations=True
         )
         np.testing.assert_array_equal(mask[..., 0].astype(bool), expected)
+
+
+TOTALSEG_CT = Path("TotalSegmentator/tests/reference_files/example_ct_dicom")
+
+
+@pytest.mark.slow
+def test_real_totalsegmentator_ct_needs_opt_in_uids_then_passes_the_gate(
+    shared_data: Path, tmp_path: Path
+) -> None:
+    """Its exporter blanked Study/Series UIDs: refused by default, written with --assign-missing-uids."""
+    from dicom_io.ai_result import ResultError
+    from medseg.model import load_model
+
+    model = load_model("default_ct")
+    series = shared_data / TOTALSEG_CT
+    with pytest.raises(ResultError, match="empty StudyInstanceUID or SeriesInstanceUID"):
+        run_pipeline(series, tmp_path / "refused", model, samples=2, preview=False)
+    assert not any((tmp_path / "refused").glob("*.dcm"))
+    summary = run_pipeline(series, tmp_path / "out", model, samples=4, assign_missing_uids=True)
+    written = summary.series[0]
+    assert written.repairs and all(check["passed"] or not check["checkable"] for check in written.gate)
+    seg = hd.seg.segread(written.outputs["seg"])
+    assert seg.StudyInstanceUID == written.repairs[0].rsplit(" ", 1)[-1]
+    liver = next(row for row in written.structures if row["name"] == "Liver")
+    assert liver["volume_ml"] > 0  # the 20-slice abdomen holds liver; the default model must find some
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("site", ["site_a", "site_b", "site_c", "site_d"])
+def test_default_model_end_to_end_on_every_site(site: str, tmp_path: Path) -> None:
+    from medseg.model import load_model
+
+    case = synthesize_case(load_site(site), 21, 0, matrix=256, slices=48)
+    entry = write_case(case, tmp_path / "case", manifest_root=tmp_path, split=Split.TEST)
+    summary = run_pipeline(tmp_path / entry.image_dir, tmp_path / "out", load_model("default_ct"), samples=4)
+    written = summary.series[0]
+    assert all(check["passed"] for check in written.gate if check["checkable"])
+    assert {"seg", "parametric_map", "sr", "preview"} <= set(written.outputs)
+    volumes = {row["name"]: row["volume_ml"] for row in written.structures}
+    assert volumes["Liver"] > 100  # a liver is in every synthetic abdomen; far smaller means a broken model
