@@ -1,13 +1,8 @@
 #!/usr/bin/env bash
-# The main job on embedded data, from a fresh clone: set-up, then show what the reader makes of real
-# hospital-style folders (a localizer, a secondary capture, DICOMDIR files and a gantry-tilted series with
-# uneven spacing), and convert them, tilt resampled on request, to NIfTI with geometry sidecars.
+# The main job on the embedded default, from a fresh clone: set-up, then `medseg demo` (a synthetic CT
+# study through reader, shipped default model with Monte-Carlo uncertainty, SEG + Parametric Map + SR,
+# gate, preview and summary).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-data=../shared/data
-out=${1:-demo-output}
-.venv/bin/medseg inspect "$data/dcm_qa_ct/In" "$data/TotalSegmentator/tests/reference_files/example_ct_dicom"
-.venv/bin/medseg convert "$data/dcm_qa_ct/In" "$data/TotalSegmentator/tests/reference_files/example_ct_dicom" \
-  --resample-tilt --resample-spacing -o "$out"
-echo "demo: NIfTI volumes and JSON sidecars are in $out/"
+.venv/bin/medseg demo -o "${1:-medseg-demo}"
