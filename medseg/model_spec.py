@@ -174,7 +174,7 @@ class TrainingSpec(_Frozen):
     learning_rate: Positive = 3e-3
     weight_decay: float = Field(default=1e-5, ge=0)
     loss: Literal["dice_ce", "dice_focal"] = "dice_ce"
-    foreground_ratio: Probability = 0.7  # share of patches centred on a labelled voxel
+    foreground_ratio: Probability = 0.9  # share of patches centred on a structure (split equally among them)
     noise_std: float = Field(default=0.03, ge=0)  # in normalized units
     intensity_drift: float = Field(default=0.05, ge=0)  # shift and scale, normalized units
 

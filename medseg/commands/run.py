@@ -56,7 +56,9 @@ def print_summary(summary: RunSummary, console: Console) -> None:
                 f"{row['mean_entropy']:.3f}",
                 f"{row['mean_mutual_information']:.4f}",
                 f"{row['sample_agreement']:.3f}",
-                "REVIEW: " + "; ".join(row["review_reasons"]) if row["needs_review"] else "",
+                f"REVIEW ({len(row['review_reasons'])} reasons in summary.json)"
+                if row["needs_review"]
+                else "",
             )
         console.print(table)
         for lesion in series.lesions:
