@@ -216,6 +216,7 @@ def run_pipeline(
                 seconds={
                     **{f"inference: {k}": round(v, 3) for k, v in prediction.seconds.items()},
                     "inference": round(t1 - t0, 3),
+                    **{f"results: {k}": round(v, 3) for k, v in written.seconds.items()},
                     "write + gate": round(t2 - t1, 3),
                 },
             )
