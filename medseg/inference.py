@@ -57,6 +57,7 @@ class Prediction:
     model_version: str
     device: str
     seconds: dict[str, float] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         flagged = [m.label for m in self.structures if m.needs_review]
@@ -259,13 +260,21 @@ def infer(
     predictive = entropy(mean_p, dim=0)
     mutual = out[2 * c].clamp_min(0.0)
     focal = [label.value for label in spec.labels if label.focal]
-    lesions = tuple(
+    candidates = [
         finding
         for i, label in enumerate(focal)
         for finding in lesion_findings(
             mean_p[label], out[c + label], out[2 * c + 1 + i], model_input.grid, spec.review
         )
-    )
+    ]
+    limit = spec.review.max_lesion_findings
+    lesions = tuple(candidates[:limit])
+    notes: tuple[str, ...] = ()
+    if len(candidates) > limit:
+        notes = (
+            f"{len(candidates) - limit} more lesion candidates below the {limit} highest scores not listed",
+        )
+        log.warning("%s", notes[0])
     mark("network")
 
     label_map = argmax_to_source(mean_p, model_input.grid)
@@ -300,4 +309,5 @@ def infer(
         model_version=spec.version,
         device=str(device),
         seconds=seconds,
+        notes=notes,
     )

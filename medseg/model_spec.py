@@ -162,6 +162,7 @@ class ReviewSpec(_Frozen):
     max_volume_cv: Positive = 0.1  # volume spread / volume
     min_lesion_detection_rate: Probability = 0.7  # share of samples that found the lesion
     max_lesion_score_spread: Positive = 0.15  # standard deviation of its score over samples
+    max_lesion_findings: int = Field(default=20, ge=1)  # highest scores reported; the rest counted in notes
 
 
 class TrainingSpec(_Frozen):

@@ -58,7 +58,7 @@ def analysis_result(prediction: Prediction, model: Model) -> AnalysisResult:
         if quantity is UncertaintyQuantity.MUTUAL_INFORMATION
         else prediction.entropy
     )
-    notes = [f"{prediction.samples} Monte-Carlo samples, seed {prediction.seed}"]
+    notes = [f"{prediction.samples} Monte-Carlo samples, seed {prediction.seed}", *prediction.notes]
     if not model.spec.for_clinical_use:
         notes.append("not for clinical use: demonstration model trained on synthetic data")
     return AnalysisResult(
