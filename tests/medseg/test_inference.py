@@ -26,6 +26,7 @@ from medseg.preprocess import (
 )
 from medseg.synth import load_site, synthesize_case
 from medseg.uncertainty import OnlineMoments, entropy
+from tests.medseg.tiny_model import tiny_spec_data
 
 DEFAULT_SPEC = MODELS_DIR / "default_ct.yaml"
 
@@ -35,16 +36,7 @@ def _spec_data() -> dict:
 
 
 def _small_spec(**uncertainty: object) -> dict:
-    data = _spec_data()
-    data["network"]["arguments"] = {
-        "channels": [4, 8, 16],
-        "strides": [2, 2],
-        "num_res_units": 0,
-        "norm": "instance",
-    }
-    data["network"]["features"] = 4
-    data["inference"]["roi_size"] = [32, 32, 32]
-    data["preprocessing"]["spacing_mm"] = [6.0, 6.0, 6.0]
+    data = tiny_spec_data()
     data["uncertainty"].update(uncertainty)
     return data
 

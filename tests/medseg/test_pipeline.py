@@ -10,28 +10,19 @@ import numpy as np
 import pydicom
 import pytest
 import torch
-import yaml
 
 from dicom_io.reader import read_volume
 from medseg.cli import main
 from medseg.model import Model, ModelProvenance, save_model
-from medseg.model_spec import MODELS_DIR, parse_spec
+from medseg.model_spec import parse_spec
 from medseg.networks import SegmentationNet
 from medseg.pipeline import NothingToAnalyseError, run_pipeline
 from medseg.synth import Split, load_site, synthesize_case, write_case
+from tests.medseg.tiny_model import tiny_spec_data
 
 
 def _tiny_model(root: Path) -> Model:
-    data = yaml.safe_load((MODELS_DIR / "default_ct.yaml").read_text())
-    data["network"]["arguments"] = {
-        "channels": [4, 8, 16],
-        "strides": [2, 2],
-        "num_res_units": 0,
-        "norm": "instance",
-    }
-    data["network"]["features"] = 4
-    data["inference"]["roi_size"] = [32, 32, 32]
-    data["preprocessing"]["spacing_mm"] = [6.0, 6.0, 6.0]
+    data = tiny_spec_data()
     data["uncertainty"]["samples"] = 3
     spec = parse_spec(data, "tiny")
     torch.manual_seed(0)

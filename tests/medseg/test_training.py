@@ -15,19 +15,11 @@ from medseg.model_spec import MODELS_DIR, parse_spec
 from medseg.networks import SegmentationNet
 from medseg.synth import generate_dataset, load_site
 from medseg.training import dice_per_class, freeze_encoder, make_loss, train, train_step
+from tests.medseg.tiny_model import tiny_spec_data
 
 
 def _spec_file(tmp_path: Path) -> Path:
-    data = yaml.safe_load((MODELS_DIR / "default_ct.yaml").read_text())
-    data["network"]["arguments"] = {
-        "channels": [4, 8, 16],
-        "strides": [2, 2],
-        "num_res_units": 0,
-        "norm": "instance",
-    }
-    data["network"]["features"] = 4
-    data["inference"]["roi_size"] = [32, 32, 32]
-    data["preprocessing"]["spacing_mm"] = [8.0, 8.0, 8.0]
+    data = tiny_spec_data(spacing_mm=8.0)
     data["training"].update(patch_size=[32, 32, 32], batch_size=1, epochs=1, iterations_per_epoch=2)
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(data))
