@@ -68,8 +68,12 @@ class Prediction:
         )
 
 
-def _pad_to_roi(image: torch.Tensor, roi: Sequence[int]) -> tuple[torch.Tensor, list[slice]]:
-    """Pad (B, C, X, Y, Z) symmetrically to at least ``roi`` so window coordinates are unpadded ones."""
+def pad_to_roi(image: torch.Tensor, roi: Sequence[int]) -> tuple[torch.Tensor, list[slice]]:
+    """Pad (B, C, X, Y, Z) symmetrically to at least ``roi`` so window coordinates are unpadded ones.
+
+    The padding value is the image's minimum (air, after a CT window): padding with 0 would put a slab of
+    -300 HU "tissue" around a short scan, and the network then calls the enclosed air lung.
+    """
     pads: list[int] = []
     crop: list[slice] = []
     for size, r in zip(reversed(image.shape[2:]), reversed(list(roi)), strict=True):
@@ -78,7 +82,7 @@ def _pad_to_roi(image: torch.Tensor, roi: Sequence[int]) -> tuple[torch.Tensor, 
     for size, r in zip(image.shape[2:], roi, strict=True):
         diff = max(r - size, 0)
         crop.append(slice(diff // 2, diff // 2 + size))
-    return (F.pad(image, pads) if any(pads) else image), crop
+    return (F.pad(image, pads, value=float(image.min())) if any(pads) else image), crop
 
 
 def _window_weights(shape: Sequence[int], spec: ModelSpec) -> torch.Tensor:
@@ -225,7 +229,7 @@ def infer(
             stage(name)
 
     model_input = to_model(volume, spec)
-    image, crop = _pad_to_roi(model_input.image[None], spec.inference.roi_size)
+    image, crop = pad_to_roi(model_input.image[None], spec.inference.roi_size)
     mark("resample to model grid")
 
     net = model.network.to(device)

@@ -87,7 +87,9 @@ def augmentation(training: TrainingSpec, num_classes: int, seed: int) -> Compose
     """
     transform = Compose(
         [
-            SpatialPadd(keys=("image", "label"), spatial_size=training.patch_size),
+            SpatialPadd(
+                keys=("image", "label"), spatial_size=training.patch_size, mode=("minimum", "constant")
+            ),
             RandCropByLabelClassesd(
                 keys=("image", "label"),
                 label_key="label",

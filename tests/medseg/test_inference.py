@@ -250,3 +250,15 @@ def test_label_map_alignment_flips_and_refuses(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match=r"case x: label map grid .* does not lie on series"):
         align_to_volume(labels[:, :16], volume.affine, volume, what="case x")
+
+
+def test_short_scans_are_padded_with_air_not_zero() -> None:
+    """A 0 in window units is -300 HU: a slab of it around a short scan made the model call air lung."""
+    from medseg.inference import pad_to_roi
+
+    image = torch.full((1, 1, 40, 40, 10), 0.5)
+    image[..., 0, 0, 0] = -1.0
+    padded, crop = pad_to_roi(image, (32, 32, 32))
+    assert padded.shape[2:] == (40, 40, 32)
+    assert float(padded[0, 0, 0, 0, 0]) == -1.0 and float(padded[0, 0, 20, 20, 31]) == -1.0
+    torch.testing.assert_close(padded[(0, slice(None), *crop)], image[0])
