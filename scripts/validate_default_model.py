@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dicom_io.image_writer import deterministic_uid
 from dicom_io.volume import GeometryReport, ImageVolume, IntensityUnit, Modality, SeriesContext
 from medseg.evaluation import CaseEvaluation, evaluate_prediction
 from medseg.inference import infer
@@ -41,7 +42,7 @@ def _volume(image: np.ndarray, affine: np.ndarray, case_id: str) -> ImageVolume:
         modality=Modality.CT,
         unit=IntensityUnit.HOUNSFIELD,
         series=SeriesContext(
-            "2.25.1", f"2.25.{abs(hash(case_id)) % 10**12}", None, 1, case_id, "synthetic", case_id
+            "2.25.1", deterministic_uid("validation", case_id), None, 1, case_id, "synthetic", case_id
         ),
         frames=(),
         geometry=GeometryReport(image.shape[0], 0.0, 0.0, 0.0, 0.0, ()),
