@@ -26,8 +26,9 @@ from dicom_io.volume import ImageVolume, IntensityUnit
 from medseg.lesions import lesion_findings
 from medseg.model import Model
 from medseg.model_spec import ModelSpec, ReviewSpec
+from medseg.networks import set_dropout_sampling
 from medseg.preprocess import ModelGrid, argmax_to_source, map_to_source, to_model
-from medseg.uncertainty import MonteCarloSampler, SampleStructureStats, entropy, prepare_sampling
+from medseg.uncertainty import MonteCarloSampler, SampleStructureStats, entropy
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +234,7 @@ def infer(
     mark("resample to model grid")
 
     net = model.network.to(device)
-    prepare_sampling(net, enabled=n > 1)
+    set_dropout_sampling(net, enabled=n > 1)  # eval mode; dropout sampling only for several samples
     weights = _window_weights(image.shape[2:], spec).to(device)
     sampler = MonteCarloSampler(
         net,

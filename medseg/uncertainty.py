@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from medseg.model_spec import Stochastic
-from medseg.networks import SegmentationNet, set_dropout_sampling
+from medseg.networks import SegmentationNet
 
 EPS = 1e-8
 
@@ -182,8 +182,3 @@ def _argmax_classes(logits: torch.Tensor) -> torch.Tensor:
         best = torch.maximum(best, logits[:, :, c])
         index[better] = c
     return index
-
-
-def prepare_sampling(net: SegmentationNet, *, enabled: bool) -> None:
-    """Eval mode everywhere, dropout sampling on only when Monte-Carlo samples are asked for."""
-    set_dropout_sampling(net, enabled=enabled)
