@@ -123,12 +123,9 @@ def _to_medseg_order(labels: np.ndarray, ras_affine: np.ndarray, lps_affine: np.
 
 
 def _dice(a: np.ndarray, b: np.ndarray, classes: int) -> float:
-    scores = []
-    for c in range(1, classes):
-        total = int((a == c).sum()) + int((b == c).sum())
-        if total:
-            scores.append(2.0 * int(((a == c) & (b == c)).sum()) / total)
-    return float(np.mean(scores))
+    from medseg.evaluation import dice_per_class
+
+    return float(np.nanmean(dice_per_class(a, b, classes)))
 
 
 def main() -> None:

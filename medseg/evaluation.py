@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
+import torch
 from scipy import ndimage
 
 from medseg.inference import Prediction
@@ -41,15 +42,25 @@ class CaseEvaluation:
     seconds: float
 
 
+LabelArray = npt.NDArray[np.integer] | torch.Tensor
+
+
+def dice_per_class(prediction: LabelArray, truth: LabelArray, num_classes: int) -> list[float]:
+    """Dice of each foreground class 1..num_classes-1 (NaN where both are empty); numpy or torch."""
+    out = []
+    for c in range(1, num_classes):
+        p, t = prediction == c, truth == c
+        denominator = int(p.sum()) + int(t.sum())
+        out.append(2.0 * int((p & t).sum()) / denominator if denominator else float("nan"))
+    return out
+
+
 def dice_scores(
     prediction: npt.NDArray[np.integer], truth: npt.NDArray[np.integer], spec: ModelSpec
 ) -> dict[str, float]:
-    out = {}
-    for label in spec.labels:
-        p, t = prediction == label.value, truth == label.value
-        total = int(p.sum()) + int(t.sum())
-        out[label.name] = 2.0 * int((p & t).sum()) / total if total else float("nan")
-    return out
+    """Dice per structure name (label values are 1..n in spec order)."""
+    scores = dice_per_class(prediction, truth, spec.num_classes)
+    return {label.name: scores[label.value - 1] for label in spec.labels}
 
 
 def match_lesions(

@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
-import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from scipy import ndimage
 
@@ -27,7 +26,7 @@ from medseg.lesions import lesion_findings
 from medseg.model import Model
 from medseg.model_spec import ModelSpec, ReviewSpec
 from medseg.networks import set_dropout_sampling
-from medseg.preprocess import ModelGrid, argmax_to_source, map_to_source, to_model
+from medseg.preprocess import ModelGrid, argmax_to_source, map_to_source, pad_to_roi, to_model
 from medseg.uncertainty import MonteCarloSampler, SampleStructureStats, entropy
 
 log = logging.getLogger(__name__)
@@ -67,23 +66,6 @@ class Prediction:
             f"{self.samples} samples, {len(self.structures)} structures, review {flagged}, "
             f"{len(self.lesions)} lesions)"
         )
-
-
-def pad_to_roi(image: torch.Tensor, roi: Sequence[int]) -> tuple[torch.Tensor, list[slice]]:
-    """Pad (B, C, X, Y, Z) symmetrically to at least ``roi`` so window coordinates are unpadded ones.
-
-    The padding value is the image's minimum (air, after a CT window): padding with 0 would put a slab of
-    -300 HU "tissue" around a short scan, and the network then calls the enclosed air lung.
-    """
-    pads: list[int] = []
-    crop: list[slice] = []
-    for size, r in zip(reversed(image.shape[2:]), reversed(list(roi)), strict=True):
-        diff = max(r - size, 0)
-        pads += [diff // 2, diff - diff // 2]
-    for size, r in zip(image.shape[2:], roi, strict=True):
-        diff = max(r - size, 0)
-        crop.append(slice(diff // 2, diff // 2 + size))
-    return (F.pad(image, pads, value=float(image.min())) if any(pads) else image), crop
 
 
 def _window_weights(shape: Sequence[int], spec: ModelSpec) -> torch.Tensor:

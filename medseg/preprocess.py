@@ -9,6 +9,7 @@ inference call the same functions: no train/inference skew.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -148,6 +149,23 @@ def align_to_volume(
             "permutation/flip); resample it first"
         )
     return aligned
+
+
+def pad_to_roi(image: torch.Tensor, roi: Sequence[int]) -> tuple[torch.Tensor, list[slice]]:
+    """Pad (B, C, X, Y, Z) symmetrically to at least ``roi`` so window coordinates are unpadded ones.
+
+    The padding value is the image's minimum (air, after a CT window): padding with 0 would put a slab of
+    -300 HU "tissue" around a short scan, and the network then calls the enclosed air lung.
+    """
+    pads: list[int] = []
+    crop: list[slice] = []
+    for size, r in zip(reversed(image.shape[2:]), reversed(list(roi)), strict=True):
+        diff = max(r - size, 0)
+        pads += [diff // 2, diff - diff // 2]
+    for size, r in zip(image.shape[2:], roi, strict=True):
+        diff = max(r - size, 0)
+        crop.append(slice(diff // 2, diff // 2 + size))
+    return (F.pad(image, pads, value=float(image.min())) if any(pads) else image), crop
 
 
 def labels_to_model(labels: npt.NDArray[np.integer], grid: ModelGrid) -> torch.Tensor:

@@ -33,6 +33,7 @@ from monai.transforms import (
 from torch import nn
 
 from dicom_io.reader import read_volume
+from medseg.evaluation import dice_per_class
 from medseg.model import Model, ModelProvenance, load_model, save_model
 from medseg.model_spec import ModelSpec, TrainingSpec
 from medseg.networks import SegmentationNet
@@ -154,16 +155,6 @@ def train_step(
     loss.backward()
     optimizer.step()
     return float(loss.detach())
-
-
-def dice_per_class(prediction: torch.Tensor, truth: torch.Tensor, num_classes: int) -> list[float]:
-    """Dice of each foreground class (NaN where both are empty)."""
-    out = []
-    for c in range(1, num_classes):
-        p, t = prediction == c, truth == c
-        denominator = int(p.sum()) + int(t.sum())
-        out.append(2.0 * int((p & t).sum()) / denominator if denominator else float("nan"))
-    return out
 
 
 @torch.inference_mode()

@@ -254,7 +254,7 @@ def test_label_map_alignment_flips_and_refuses(tmp_path: Path) -> None:
 
 def test_short_scans_are_padded_with_air_not_zero() -> None:
     """A 0 in window units is -300 HU: a slab of it around a short scan made the model call air lung."""
-    from medseg.inference import pad_to_roi
+    from medseg.preprocess import pad_to_roi
 
     image = torch.full((1, 1, 40, 40, 10), 0.5)
     image[..., 0, 0, 0] = -1.0

@@ -10,11 +10,12 @@ import torch
 import yaml
 
 from medseg.cli import main
+from medseg.evaluation import dice_per_class
 from medseg.model import load_model
 from medseg.model_spec import MODELS_DIR, parse_spec
 from medseg.networks import SegmentationNet
 from medseg.synth import generate_dataset, load_site
-from medseg.training import dice_per_class, freeze_encoder, make_loss, train, train_step
+from medseg.training import freeze_encoder, make_loss, train, train_step
 from tests.medseg.tiny_model import tiny_spec_data
 
 
