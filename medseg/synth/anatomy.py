@@ -284,7 +284,8 @@ class Phantom:
         lut = np.zeros(256, dtype=np.uint8)
         for tissue, label in _TISSUE_LABEL.items():
             lut[tissue] = label
-        lut[LESION_CODE_BASE : LESION_CODE_BASE + len(self.lesions)] = Label.LESION
+        for lesion in self.lesions:  # painted with code LESION_CODE_BASE + index, index from 1
+            lut[LESION_CODE_BASE + lesion.index] = Label.LESION
         nk, nr, nc = self.grid.shape
         centre = self.tissue.reshape(nk, self.subslices, nr, nc)[:, self.subslices // 2]
         return np.asarray(lut[centre])

@@ -131,7 +131,9 @@ def test_lesion_boxes_match_label_map() -> None:
     for les in case.lesions:
         assert 5.0 <= les.diameter_mm <= 30.0 and les.organ in (Label.LIVER, Label.LUNG)
         lo, hi = np.array(les.min_corner_lps), np.array(les.max_corner_lps)
-        inside_any |= np.all((lps >= lo - 1e-3) & (lps <= hi + 1e-3), axis=1)
+        in_box = np.all((lps >= lo - 1e-3) & (lps <= hi + 1e-3), axis=1)
+        assert in_box.any(), f"lesion {les.index} ({les.voxel_count} voxels painted) has no label voxel"
+        inside_any |= in_box
     assert inside_any.all()
 
 
