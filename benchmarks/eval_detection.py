@@ -18,85 +18,19 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
+from medseg.evaluation import ScanFindings, froc, sensitivity_at
 
 log = logging.getLogger("eval_detection")
 
 FP_RATES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
-HIT_IOU = 0.1
 
 
-@dataclass(frozen=True)
-class CaseResult:
-    """Findings and ground truth of one scan, in LPS mm."""
-
-    case_id: str
-    scores: npt.NDArray[np.float64]  # (F,)
-    finding_boxes: npt.NDArray[np.float64]  # (F, 6) min, max
-    finding_centres: npt.NDArray[np.float64]  # (F, 3)
-    truth_boxes: npt.NDArray[np.float64]  # (L, 6)
-    truth_diameters: npt.NDArray[np.float64]  # (L,)
-
-
-def hits(result: CaseResult) -> npt.NDArray[np.bool_]:
-    """(F, L): finding f hits lesion l (centre inside the lesion box, or box IoU >= 0.1)."""
-    f, t = result.finding_boxes, result.truth_boxes
-    if not len(f) or not len(t):
-        return np.zeros((len(f), len(t)), dtype=bool)
-    c = result.finding_centres[:, None, :]
-    inside = np.all((c >= t[None, :, :3]) & (c <= t[None, :, 3:]), axis=2)
-    lo = np.maximum(f[:, None, :3], t[None, :, :3])
-    hi = np.minimum(f[:, None, 3:], t[None, :, 3:])
-    inter = np.prod(np.clip(hi - lo, 0, None), axis=2)
-    vol_f = np.prod(f[:, 3:] - f[:, :3], axis=1)[:, None]
-    vol_t = np.prod(t[:, 3:] - t[:, :3], axis=1)[None, :]
-    iou = inter / np.maximum(vol_f + vol_t - inter, 1e-9)
-    return inside | (iou >= HIT_IOU)
-
-
-def froc(results: list[CaseResult], min_diameter_mm: float) -> tuple[list[tuple[float, float, float]], int]:
-    """FROC points (FP per scan, sensitivity, threshold) over all score thresholds, and the lesion count.
-
-    Lesions smaller than ``min_diameter_mm`` are not counted; findings hitting only them are ignored.
-    """
-    events = []  # (score, case, lesion ids hit (counted), is false positive)
-    total = 0
-    for n, r in enumerate(results):
-        counted = r.truth_diameters >= min_diameter_mm
-        h = hits(r)
-        for f in range(len(r.scores)):
-            hit_counted = np.nonzero(h[f] & counted)[0] if h.size else np.zeros(0, dtype=int)
-            hit_any = bool(h[f].any()) if h.size else False
-            if hit_any and not len(hit_counted):
-                continue  # hits only an uncounted (small) lesion
-            events.append((float(r.scores[f]), n, tuple(int(i) for i in hit_counted), not hit_any))
-        total += int(counted.sum())
-    events.sort(key=lambda e: -e[0])
-    found: set[tuple[int, int]] = set()
-    false_positives = 0
-    points = [(0.0, 0.0, float("inf"))]
-    for i, (score, case, lesions, fp) in enumerate(events):
-        false_positives += fp
-        found.update((case, lesion) for lesion in lesions)
-        if i + 1 < len(events) and events[i + 1][0] == score:
-            continue  # same threshold: take all findings of that score together
-        points.append((false_positives / len(results), len(found) / max(total, 1), score))
-    return points, total
-
-
-def sensitivity_at(points: list[tuple[float, float, float]], fp_rate: float) -> tuple[float, float]:
-    """Best sensitivity with at most ``fp_rate`` false positives per scan, and the threshold giving it."""
-    ok = [p for p in points if p[0] <= fp_rate]
-    best = max(ok, key=lambda p: (p[1], p[2]))
-    return best[1], best[2]
-
-
-def evaluate(dataset_path: Path, detector_dir: Path, split: str, samples: int, seed: int) -> list[CaseResult]:
+def evaluate(
+    dataset_path: Path, detector_dir: Path, split: str, samples: int, seed: int
+) -> list[ScanFindings]:
     from dicom_io.reader import read_volume
     from medseg.detection import DetectionError, detect, load_detector
     from medseg.model_spec import MODELS_DIR, load_spec
@@ -117,18 +51,7 @@ def evaluate(dataset_path: Path, detector_dir: Path, split: str, samples: int, s
         model_input = to_model(read_volume(dataset.image_dir(entry)), model_spec)
         findings = detect(trained.detector, model_input, trained.spec, samples, seed)
         lesions = load_lesions(dataset.lesions(entry)).lesions
-        results.append(
-            CaseResult(
-                case_id=entry.case_id,
-                scores=np.array([f.score for f in findings]),
-                finding_boxes=np.array([[*f.box_min_lps, *f.box_max_lps] for f in findings]).reshape(-1, 6),
-                finding_centres=np.array([f.centre_lps for f in findings]).reshape(-1, 3),
-                truth_boxes=np.array([[*les.min_corner_lps, *les.max_corner_lps] for les in lesions]).reshape(
-                    -1, 6
-                ),
-                truth_diameters=np.array([les.diameter_mm for les in lesions]),
-            )
-        )
+        results.append(ScanFindings.of(entry.case_id, findings, lesions))
         log.info(
             "%s: %d findings, %d lesions, %.1f s",
             entry.case_id,
@@ -175,8 +98,8 @@ def main() -> int:
             {
                 "lesions": label,
                 "count": total,
-                "sensitivity": {f"{r:g}": s for r, (s, _) in zip(FP_RATES, sens, strict=True)},
-                "threshold_at_1fp": sensitivity_at(points, 1.0)[1],
+                "sensitivity": {f"{r:g}": p.sensitivity for r, p in zip(FP_RATES, sens, strict=True)},
+                "threshold_at_1fp": sensitivity_at(points, 1.0).threshold,
             }
         )
     print(f"split {args.split}: {len(results)} scans, {samples} samples, seed {seed}")

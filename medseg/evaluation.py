@@ -1,32 +1,151 @@
-"""Compare a prediction with ground truth: Dice per structure, lesion hits, uncertainty summaries.
+"""Compare a prediction with ground truth: Dice per structure, lesion-level FROC, confidence intervals.
 
-Pure compute on arrays of the source grid; the validation script and the tests call it. Lesions are
-matched as connected components of the focal label: a ground-truth lesion is found when a predicted
-component overlaps it, and a predicted component that overlaps no ground-truth lesion is a false positive.
+Pure compute on arrays of the source grid and on LPS boxes; the validation script, the detection benchmark
+and the tests call it. Lesions are scored as detections, the way detection papers and reader studies do:
+a finding hits a ground-truth lesion when its centre lies in the lesion's box or their boxes overlap with
+IoU >= 0.1; sweeping the finding score gives sensitivity against false positives per scan (FROC).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import numpy.typing as npt
 import torch
-from scipy import ndimage
 
+from dicom_io.ai_result import LesionFinding
 from medseg.inference import Prediction
 from medseg.model_spec import ModelSpec
 
+HIT_IOU = 0.1
+FloatArray = npt.NDArray[np.float64]
+
+
+class TruthLesion(Protocol):
+    """What lesion scoring needs of a ground-truth lesion (synth ``Lesion`` and ``LesionBox`` have it)."""
+
+    @property
+    def min_corner_lps(self) -> tuple[float, float, float]: ...
+    @property
+    def max_corner_lps(self) -> tuple[float, float, float]: ...
+    @property
+    def diameter_mm(self) -> float: ...
+
 
 @dataclass(frozen=True)
-class LesionMatch:
-    """Lesion-level result of one case for lesions at least ``min_diameter_mm`` across."""
+class ScanFindings:
+    """Findings and ground-truth lesions of one scan, in LPS mm: one scan's share of a FROC."""
 
-    min_diameter_mm: float
+    case_id: str
+    scores: FloatArray  # (F,)
+    finding_boxes: FloatArray  # (F, 6) min xyz, max xyz
+    finding_centres: FloatArray  # (F, 3)
+    truth_boxes: FloatArray  # (L, 6)
+    truth_diameters: FloatArray  # (L,)
+
+    @classmethod
+    def of(
+        cls, case_id: str, findings: Sequence[LesionFinding], lesions: Sequence[TruthLesion]
+    ) -> ScanFindings:
+        return cls(
+            case_id=case_id,
+            scores=np.array([f.score for f in findings], dtype=float),
+            finding_boxes=np.array([[*f.box_min_lps, *f.box_max_lps] for f in findings], dtype=float).reshape(
+                -1, 6
+            ),
+            finding_centres=np.array([f.centre_lps for f in findings], dtype=float).reshape(-1, 3),
+            truth_boxes=np.array(
+                [[*les.min_corner_lps, *les.max_corner_lps] for les in lesions], dtype=float
+            ).reshape(-1, 6),
+            truth_diameters=np.array([les.diameter_mm for les in lesions], dtype=float),
+        )
+
+    def hits(self) -> npt.NDArray[np.bool_]:
+        """(F, L): finding f hits lesion l (its centre inside the lesion box, or box IoU >= ``HIT_IOU``)."""
+        f, t = self.finding_boxes, self.truth_boxes
+        if not len(f) or not len(t):
+            return np.zeros((len(f), len(t)), dtype=bool)
+        c = self.finding_centres[:, None, :]
+        inside = np.all((c >= t[None, :, :3]) & (c <= t[None, :, 3:]), axis=2)
+        lo = np.maximum(f[:, None, :3], t[None, :, :3])
+        hi = np.minimum(f[:, None, 3:], t[None, :, 3:])
+        inter = np.prod(np.clip(hi - lo, 0, None), axis=2)
+        vol_f = np.prod(f[:, 3:] - f[:, :3], axis=1)[:, None]
+        vol_t = np.prod(t[:, 3:] - t[:, :3], axis=1)[None, :]
+        iou = inter / np.maximum(vol_f + vol_t - inter, 1e-9)
+        return np.asarray(inside | (iou >= HIT_IOU))
+
+
+class FrocPoint(NamedTuple):
+    fp_per_scan: float
+    sensitivity: float
     found: int
-    total: int
-    false_positives: int
+    threshold: float  # findings scoring at least this are kept
+
+
+def froc(scans: Sequence[ScanFindings], min_diameter_mm: float) -> tuple[list[FrocPoint], int]:
+    """FROC points over all score thresholds, and the number of counted lesions.
+
+    Lesions smaller than ``min_diameter_mm`` are not counted; findings hitting only them are ignored
+    (neither hit nor false positive). A second finding on an already found lesion is not a false positive.
+    """
+    events = []  # (score, scan, lesion ids hit (counted), is false positive)
+    total = 0
+    for n, scan in enumerate(scans):
+        counted = scan.truth_diameters >= min_diameter_mm
+        h = scan.hits()
+        for f in range(len(scan.scores)):
+            hit_counted = np.nonzero(h[f] & counted)[0] if h.size else np.zeros(0, dtype=int)
+            hit_any = bool(h[f].any()) if h.size else False
+            if hit_any and not len(hit_counted):
+                continue
+            events.append((float(scan.scores[f]), n, tuple(int(i) for i in hit_counted), not hit_any))
+        total += int(counted.sum())
+    events.sort(key=lambda e: -e[0])
+    found: set[tuple[int, int]] = set()
+    false_positives = 0
+    points = [FrocPoint(0.0, 0.0, 0, math.inf)]
+    for i, (score, scan_index, lesions, fp) in enumerate(events):
+        false_positives += fp
+        found.update((scan_index, lesion) for lesion in lesions)
+        if i + 1 < len(events) and events[i + 1][0] == score:
+            continue  # same threshold: all findings of that score together
+        points.append(
+            FrocPoint(false_positives / max(len(scans), 1), len(found) / max(total, 1), len(found), score)
+        )
+    return points, total
+
+
+def sensitivity_at(points: Sequence[FrocPoint], fp_per_scan: float) -> FrocPoint:
+    """The FROC point with the best sensitivity at no more than ``fp_per_scan`` false positives per scan."""
+    allowed = (p for p in points if p.fp_per_scan <= fp_per_scan)
+    return max(allowed, key=lambda p: (p.sensitivity, p.threshold))
+
+
+def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion (sensible for small counts, unlike the normal one)."""
+    if trials == 0:
+        return (float("nan"), float("nan"))
+    p = successes / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def bootstrap_interval(
+    values: Sequence[float], *, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """95 % percentile-bootstrap interval of the mean over cases (NaNs dropped; NaN when fewer than 2)."""
+    finite = np.array([v for v in values if not math.isnan(v)], dtype=float)
+    if finite.size < 2:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    means = finite[rng.integers(0, finite.size, size=(resamples, finite.size))].mean(axis=1)
+    return (float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5)))
 
 
 @dataclass(frozen=True)
@@ -35,7 +154,7 @@ class CaseEvaluation:
     site: str
     condition: str  # "clean", an artefact name, or "unseen site"
     dice: dict[str, float]  # structure name -> Dice (NaN when absent from both)
-    lesions: tuple[LesionMatch, ...]
+    lesions: ScanFindings
     mean_entropy_foreground: float
     mean_mutual_information_foreground: float
     flagged: tuple[str, ...]  # structures whose review flag is set
@@ -63,51 +182,10 @@ def dice_scores(
     return {label.name: scores[label.value - 1] for label in spec.labels}
 
 
-def match_lesions(
-    prediction: npt.NDArray[np.integer],
-    truth: npt.NDArray[np.integer],
-    focal_label: int,
-    truth_diameters_mm: dict[int, float],
-    min_diameters_mm: Sequence[float] = (0.0, 10.0),
-) -> tuple[LesionMatch, ...]:
-    """Component-wise lesion matching; ``truth_diameters_mm`` maps ground-truth component id -> diameter."""
-    truth_components, _ = ndimage.label(truth == focal_label)
-    predicted_components, n_predicted = ndimage.label(prediction == focal_label)
-    hit_truth = set(np.unique(truth_components[predicted_components > 0]).tolist()) - {0}
-    overlapping = set(np.unique(predicted_components[truth_components > 0]).tolist()) - {0}
-    false_positives = n_predicted - len(overlapping)
-    out = []
-    for minimum in min_diameters_mm:
-        eligible = [i for i, d in truth_diameters_mm.items() if d >= minimum]
-        out.append(
-            LesionMatch(
-                min_diameter_mm=minimum,
-                found=sum(1 for i in eligible if i in hit_truth),
-                total=len(eligible),
-                false_positives=false_positives,
-            )
-        )
-    return tuple(out)
-
-
-def truth_lesion_diameters(
-    truth: npt.NDArray[np.integer], focal_label: int, affine: npt.NDArray[np.float64]
-) -> dict[int, float]:
-    """Largest world extent (mm) of each ground-truth lesion component."""
-    components, _ = ndimage.label(truth == focal_label)
-    out = {}
-    for index, box in enumerate(ndimage.find_objects(components), start=1):
-        if box is None:
-            continue
-        voxels = np.argwhere(components[box] == index) + [s.start for s in box]
-        world = voxels @ affine[:3, :3].T
-        out[index] = float((world.max(0) - world.min(0)).max() + np.linalg.norm(affine[:3, :3], axis=0).min())
-    return out
-
-
 def evaluate_prediction(
     prediction: Prediction,
     truth: npt.NDArray[np.integer],
+    truth_lesions: Sequence[TruthLesion],
     spec: ModelSpec,
     *,
     case_id: str,
@@ -121,18 +199,13 @@ def evaluate_prediction(
             f"case {case_id}: truth {truth.shape} is not on the prediction grid {prediction.label_map.shape}"
         )
     foreground = prediction.label_map > 0
-    focal = [label.value for label in spec.labels if label.focal]
-    lesions: tuple[LesionMatch, ...] = ()
-    if focal:
-        diameters = truth_lesion_diameters(truth, focal[0], prediction.source.affine)
-        lesions = match_lesions(prediction.label_map, truth, focal[0], diameters)
     names = {label.value: label.name for label in spec.labels}
     return CaseEvaluation(
         case_id=case_id,
         site=site,
         condition=condition,
         dice=dice_scores(prediction.label_map, truth, spec),
-        lesions=lesions,
+        lesions=ScanFindings.of(case_id, prediction.lesions, truth_lesions),
         mean_entropy_foreground=float(prediction.entropy[foreground].mean()) if foreground.any() else 0.0,
         mean_mutual_information_foreground=float(prediction.mutual_information[foreground].mean())
         if foreground.any()

@@ -24,15 +24,23 @@ import numpy as np
 
 from dicom_io.image_writer import deterministic_uid
 from dicom_io.volume import GeometryReport, ImageVolume, IntensityUnit, Modality, SeriesContext
-from medseg.evaluation import CaseEvaluation, evaluate_prediction
+from medseg.evaluation import (
+    CaseEvaluation,
+    bootstrap_interval,
+    evaluate_prediction,
+    froc,
+    sensitivity_at,
+    wilson_interval,
+)
 from medseg.inference import infer
 from medseg.model import load_model
-from medseg.synth import load_site, synthesize_case
+from medseg.synth import SynthCase, load_site, synthesize_case
 from medseg.synth.artefacts import Artefact, inject
 
 REPORTS = Path(__file__).resolve().parents[1] / "validation_reports"
 TRAINING_SITES = ("site_a", "site_b", "site_c")
 UNSEEN_SITE = "site_d"
+FP_RATES = (0.25, 0.5, 1.0, 2.0, 4.0)
 
 
 def _volume(image: np.ndarray, affine: np.ndarray, case_id: str) -> ImageVolume:
@@ -59,7 +67,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="default_ct")
-    parser.add_argument("--cases", type=int, default=2, help="clean cases per training site")
+    parser.add_argument("--cases", type=int, default=4, help="clean cases per training site")
     parser.add_argument("--seed", type=int, default=1001, help="dataset seed (not a training seed)")
     parser.add_argument("--slices", type=int, default=None, help="override slice count (quick runs)")
     parser.add_argument("--samples", type=int, default=None)
@@ -68,16 +76,15 @@ def main() -> None:
     spec = model.spec
     evaluations: list[CaseEvaluation] = []
 
-    def run(
-        image: np.ndarray, labels: np.ndarray, affine: np.ndarray, case_id: str, site: str, condition: str
-    ) -> None:
+    def run(case: SynthCase, image: np.ndarray, site: str, condition: str) -> None:
         started = time.perf_counter()
-        prediction = infer(_volume(image, affine, case_id), model, samples=args.samples)
+        prediction = infer(_volume(image, case.affine, case.case_id), model, samples=args.samples)
         evaluation = evaluate_prediction(
             prediction,
-            labels,
+            case.labels,
+            case.lesions,
             spec,
-            case_id=case_id,
+            case_id=case.case_id,
             site=site,
             condition=condition,
             seconds=time.perf_counter() - started,
@@ -85,21 +92,22 @@ def main() -> None:
         evaluations.append(evaluation)
         dice = ", ".join(f"{k} {v:.3f}" for k, v in evaluation.dice.items())
         print(
-            f"{case_id} {condition}: {dice}; MI {evaluation.mean_mutual_information_foreground:.4f}",
+            f"{case.case_id} {condition}: {dice}; MI {evaluation.mean_mutual_information_foreground:.4f}; "
+            f"{len(prediction.lesions)} findings, {len(case.lesions)} lesions",
             flush=True,
         )
 
     for site in TRAINING_SITES:
         for index in range(args.cases):
             case = synthesize_case(load_site(site), args.seed, index, slices=args.slices)
-            run(case.image, case.labels, case.affine, case.case_id, site, "clean")
+            run(case, case.image, site, "clean")
             if index == 0:
                 for artefact in Artefact:
                     image = inject(case.image, artefact, seed=args.seed + index)
-                    run(image, case.labels, case.affine, case.case_id, site, artefact.value)
+                    run(case, image, site, artefact.value)
     for index in range(args.cases):
         case = synthesize_case(load_site(UNSEEN_SITE), args.seed, index, slices=args.slices)
-        run(case.image, case.labels, case.affine, case.case_id, UNSEEN_SITE, "unseen site")
+        run(case, case.image, UNSEEN_SITE, "unseen site")
 
     REPORTS.mkdir(exist_ok=True)
     name = spec.name if args.model == "default_ct" else Path(args.model).name
@@ -148,13 +156,36 @@ def _markdown(name: str, device_uid: str, evaluations: list[CaseEvaluation], arg
     lines.append(
         "| all | " + " | ".join(f"{_nanmean([e.dice[k] for e in clean]):.3f}" for k in labels) + " |"
     )
-    lines += ["", "## Lesions (segmentation lesion channel, components), clean cases", ""]
-    for i, minimum in enumerate(m.min_diameter_mm for m in clean[0].lesions):
-        found = sum(e.lesions[i].found for e in clean)
-        total = sum(e.lesions[i].total for e in clean)
-        fps = sum(e.lesions[i].false_positives for e in clean) / len(clean)
+    lines.append(
+        "| all, 95 % CI | "
+        + " | ".join("{:.3f}-{:.3f}".format(*bootstrap_interval([e.dice[k] for e in clean])) for k in labels)
+        + " |"
+    )
+    lines += [
+        "",
+        "CI: percentile bootstrap over cases (2,000 resamples).",
+        "",
+        "## Lesion detection (findings of the Monte-Carlo lesion channel), clean cases",
+        "",
+        "A finding hits a lesion when its centre lies in the lesion's box or the boxes overlap with "
+        "IoU >= 0.1; the score is the finding's peak mean lesion probability. Sensitivity at each "
+        "false-positive rate is the best over score thresholds (FROC); CI: Wilson 95 %.",
+        "",
+        "| lesions | count | "
+        + " | ".join(f"sens @ {r:g} FP/scan" for r in FP_RATES)
+        + " | 95 % CI @ 1 FP |",
+        "|---|---|" + "---|" * (len(FP_RATES) + 1),
+    ]
+    scans = [e.lesions for e in clean]
+    for title, minimum in ((">= 10 mm", 10.0), ("all", 0.0)):
+        points, total = froc(scans, minimum)
+        at = [sensitivity_at(points, r) for r in FP_RATES]
+        one = sensitivity_at(points, 1.0)
+        low, high = wilson_interval(one.found, total)
         lines.append(
-            f"- lesions >= {minimum:g} mm: found {found}/{total}, false positives per scan {fps:.2f}"
+            f"| {title} | {total} | "
+            + " | ".join(f"{p.sensitivity:.2f} ({p.found}/{total})" for p in at)
+            + f" | {low:.2f}-{high:.2f} |"
         )
     lines += [
         "",

@@ -1,0 +1,74 @@
+"""Lesion-level FROC and the confidence intervals of the validation report, on hand-checked cases."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from dicom_io.ai_result import LesionFinding
+from medseg.evaluation import ScanFindings, bootstrap_interval, froc, sensitivity_at, wilson_interval
+from medseg.synth.dataset import LesionBox
+
+
+def _lesion(index: int, lo: tuple[float, float, float], size: float) -> LesionBox:
+    hi = (lo[0] + size, lo[1] + size, lo[2] + size)
+    centre = tuple(a + size / 2 for a in lo)
+    return LesionBox(
+        index=index,
+        organ="Liver",
+        kind="hypodense",
+        center_lps=centre,  # type: ignore[arg-type]
+        min_corner_lps=lo,
+        max_corner_lps=hi,
+        diameter_mm=size,
+        voxel_count=1,
+    )
+
+
+def _finding(centre: tuple[float, float, float], score: float, half: float = 3.0) -> LesionFinding:
+    return LesionFinding(
+        index=1,
+        centre_lps=centre,
+        box_min_lps=(centre[0] - half, centre[1] - half, centre[2] - half),
+        box_max_lps=(centre[0] + half, centre[1] + half, centre[2] + half),
+        score=score,
+        score_spread=0.0,
+        detection_rate=1.0,
+        box_spread_mm=0.0,
+        needs_review=False,
+    )
+
+
+def test_froc_counts_hits_false_positives_and_ignores_small_lesions() -> None:
+    big, small = _lesion(1, (0, 0, 0), 20.0), _lesion(2, (100, 0, 0), 6.0)
+    scan_a = ScanFindings.of(
+        "a",
+        [
+            _finding((10, 10, 10), 0.9),  # hits the big lesion
+            _finding((11, 10, 10), 0.8),  # second finding on it: neither hit nor false positive
+            _finding((103, 3, 3), 0.7),  # hits only the small lesion
+            _finding((300, 0, 0), 0.6),  # false positive
+        ],
+        [big, small],
+    )
+    scan_b = ScanFindings.of("b", [_finding((-50, 0, 0), 0.95)], [_lesion(1, (0, 0, 0), 12.0)])
+    points, total = froc([scan_a, scan_b], 10.0)
+    assert total == 2
+    # thresholds: 0.95 -> 1 FP in 2 scans; 0.9 -> +hit; 0.8 duplicate; 0.6 -> 2nd FP (0.7 ignored)
+    assert [(p.fp_per_scan, p.found) for p in points] == [(0, 0), (0.5, 0), (0.5, 1), (0.5, 1), (1.0, 1)]
+    best = sensitivity_at(points, 1.0)
+    assert best.sensitivity == 0.5 and best.threshold == pytest.approx(0.9)
+    assert sensitivity_at(points, 0.25).sensitivity == 0.0
+    points_all, total_all = froc([scan_a, scan_b], 0.0)
+    assert total_all == 3 and sensitivity_at(points_all, 1.0).found == 2
+
+
+def test_wilson_and_bootstrap_intervals() -> None:
+    low, high = wilson_interval(8, 10)
+    assert low == pytest.approx(0.4902, abs=1e-3) and high == pytest.approx(0.9433, abs=1e-3)
+    assert wilson_interval(0, 5)[0] == 0.0 and wilson_interval(5, 5)[1] == 1.0
+    assert all(math.isnan(v) for v in wilson_interval(0, 0))
+    low, high = bootstrap_interval([0.9, 0.92, 0.88, 0.91, float("nan")])
+    assert 0.88 <= low < 0.9025 < high <= 0.92
+    assert bootstrap_interval([0.5, 0.5, 0.5]) == (0.5, 0.5)
