@@ -155,8 +155,10 @@ class CaseEvaluation:
     condition: str  # "clean", an artefact name, or "unseen site"
     dice: dict[str, float]  # structure name -> Dice (NaN when absent from both)
     lesions: ScanFindings
-    mean_entropy_foreground: float
+    mean_entropy_foreground: float  # voxel mean over the predicted foreground
     mean_mutual_information_foreground: float
+    mean_structure_mutual_information: float  # mean over present structures (insensitive to coverage)
+    mean_sample_agreement: float  # mean over present structures of the pairwise Dice between samples
     flagged: tuple[str, ...]  # structures whose review flag is set
     seconds: float
 
@@ -200,6 +202,7 @@ def evaluate_prediction(
         )
     foreground = prediction.label_map > 0
     names = {label.value: label.name for label in spec.labels}
+    present = [m for m in prediction.structures if m.volume_ml > 0]
     return CaseEvaluation(
         case_id=case_id,
         site=site,
@@ -210,6 +213,10 @@ def evaluate_prediction(
         mean_mutual_information_foreground=float(prediction.mutual_information[foreground].mean())
         if foreground.any()
         else 0.0,
+        mean_structure_mutual_information=float(np.mean([m.mean_mutual_information for m in present]))
+        if present
+        else 0.0,
+        mean_sample_agreement=float(np.mean([m.sample_agreement for m in present])) if present else 1.0,
         flagged=tuple(names[m.label] for m in prediction.structures if m.needs_review),
         seconds=seconds,
     )

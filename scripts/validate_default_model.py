@@ -123,6 +123,7 @@ def main() -> None:
                 "cases": [asdict(e) for e in evaluations],
             },
             indent=1,
+            default=lambda value: value.tolist(),  # the numpy arrays of each case's lesion findings
         )
         + "\n"
     )
@@ -189,11 +190,15 @@ def _markdown(name: str, device_uid: str, evaluations: list[CaseEvaluation], arg
         )
     lines += [
         "",
-        "## Uncertainty under shift (mean over predicted foreground voxels)",
+        "## Uncertainty under shift",
         "",
-        "| condition | cases | mutual information (nats) | predictive entropy (nats) | mean Dice "
-        "| structures flagged |",
-        "|---|---|---|---|---|---|",
+        "Voxel means are over the predicted foreground (they depend on how much lung a scan covers); "
+        "structure means average each present structure's own mean, as the report shows them. Sample "
+        "agreement: mean pairwise Dice between Monte-Carlo samples (lower = less certain).",
+        "",
+        "| condition | cases | MI, voxel mean (nats) | MI, structure mean (nats) | entropy, voxel mean "
+        "(nats) | sample agreement | mean Dice | structures flagged |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for condition in ["clean", *[a.value for a in Artefact], "unseen site"]:
         rows = [e for e in evaluations if e.condition == condition]
@@ -202,7 +207,9 @@ def _markdown(name: str, device_uid: str, evaluations: list[CaseEvaluation], arg
         lines.append(
             f"| {condition} | {len(rows)} | "
             f"{np.mean([e.mean_mutual_information_foreground for e in rows]):.4f} | "
+            f"{np.mean([e.mean_structure_mutual_information for e in rows]):.4f} | "
             f"{np.mean([e.mean_entropy_foreground for e in rows]):.4f} | "
+            f"{np.mean([e.mean_sample_agreement for e in rows]):.3f} | "
             f"{_nanmean([_nanmean(list(e.dice.values())) for e in rows]):.3f} | "
             f"{np.mean([len(e.flagged) for e in rows]):.1f} |"
         )
