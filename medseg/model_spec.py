@@ -178,6 +178,9 @@ class TrainingSpec(_Frozen):
     foreground_ratio: Probability = 0.9  # share of patches centred on a structure (split equally among them)
     noise_std: float = Field(default=0.03, ge=0)  # in normalized units
     intensity_drift: float = Field(default=0.05, ge=0)  # shift and scale, normalized units
+    # share of patches cut to a short scan along z (air above and below, as inference pads a short series)
+    short_scan_probability: Probability = 0.0
+    short_scan_min_fraction: float = Field(default=0.15, gt=0, le=1)  # shortest kept slab / patch depth
 
 
 class ModelSpec(_Frozen):

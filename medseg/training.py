@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,9 +24,11 @@ from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss, DiceFocalLoss
 from monai.transforms import (
     Compose,
+    MapTransform,
     RandAffined,
     RandCropByLabelClassesd,
     RandGaussianNoised,
+    Randomizable,
     RandScaleIntensityd,
     RandShiftIntensityd,
     SpatialPadd,
@@ -80,6 +83,46 @@ def load_cases(
     return cases
 
 
+class RandShortScand(Randomizable, MapTransform):
+    """Keep a random slab of the patch along z and make the rest air with background labels.
+
+    A short series (a few centimetres of abdomen) reaches the network padded with air above and below
+    (``preprocess.pad_to_roi``); patches cut from whole abdomens never show organs ending at such a wall,
+    and a model trained only on them loses most of the liver there. MONAI's coarse dropout fills holes in
+    the image only, so the label side is done here.
+    """
+
+    def __init__(self, image_key: str, label_key: str, *, prob: float, min_fraction: float) -> None:
+        MapTransform.__init__(self, (image_key, label_key))
+        self.image_key, self.label_key = image_key, label_key
+        self.prob, self.min_fraction = prob, min_fraction
+        self._slab: tuple[int, int] | None = None
+
+    def randomize(self, depth: int) -> None:
+        self._slab = None
+        if self.R.random_sample() >= self.prob:
+            return
+        length = int(self.R.randint(max(1, round(self.min_fraction * depth)), depth + 1))
+        start = int(self.R.randint(0, depth - length + 1))
+        self._slab = (start, start + length)
+
+    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+        out = dict(data)
+        image, label = out[self.image_key], out[self.label_key]
+        self.randomize(int(image.shape[-1]))
+        if self._slab is None:
+            return out
+        start, stop = self._slab
+        air = image.min()
+        image, label = image.clone(), label.clone()
+        image[..., :start] = air
+        image[..., stop:] = air
+        label[..., :start] = 0
+        label[..., stop:] = 0
+        out[self.image_key], out[self.label_key] = image, label
+        return out
+
+
 def augmentation(training: TrainingSpec, num_classes: int, seed: int) -> Compose:
     """Class-balanced random patch + geometry jitter + scanner-like intensity changes (noise, drift).
 
@@ -112,6 +155,12 @@ def augmentation(training: TrainingSpec, num_classes: int, seed: int) -> Compose
             RandGaussianNoised(keys="image", prob=0.5, std=training.noise_std),
             RandShiftIntensityd(keys="image", prob=0.5, offsets=training.intensity_drift),
             RandScaleIntensityd(keys="image", prob=0.5, factors=training.intensity_drift),
+            RandShortScand(
+                "image",
+                "label",
+                prob=training.short_scan_probability,
+                min_fraction=training.short_scan_min_fraction,
+            ),
         ]
     )
     transform.set_random_state(seed=seed)

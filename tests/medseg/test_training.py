@@ -15,7 +15,7 @@ from medseg.model import load_model
 from medseg.model_spec import MODELS_DIR, parse_spec
 from medseg.networks import SegmentationNet
 from medseg.synth import generate_dataset, load_site
-from medseg.training import freeze_encoder, make_loss, train, train_step
+from medseg.training import RandShortScand, freeze_encoder, make_loss, train, train_step
 from tests.medseg.tiny_model import tiny_spec_data
 
 
@@ -101,3 +101,24 @@ def test_cli_fine_tunes_with_frozen_encoder(tmp_path: Path, tiny_dataset: Path) 
         main(["-q", "train", str(spec), str(tiny_dataset), "-o", str(tmp_path / "x"), "--freeze-encoder"])
         == 2
     )
+
+
+def test_short_scan_keeps_one_slab_and_makes_the_rest_air_and_background() -> None:
+    cut = RandShortScand("image", "label", prob=1.0, min_fraction=0.25)
+    image = torch.rand(1, 4, 4, 32) + 1.0
+    image[0, 0, 0, 0] = -1.0  # the patch's air value
+    label = torch.ones(1, 4, 4, 32, dtype=torch.long)
+    depths = set()
+    for seed in range(20):
+        cut.set_random_state(seed)
+        out = cut({"image": image, "label": label})
+        kept = out["label"][0].sum(dim=(0, 1)) > 0
+        z = kept.nonzero().ravel()
+        assert z.numel() >= 8 and bool(kept[z.min() : z.max() + 1].all())  # one slab, at least a quarter
+        assert bool((out["image"][0][..., ~kept] == -1.0).all())
+        assert torch.equal(out["image"][0][..., kept], image[0][..., kept])
+        depths.add(z.numel())
+    assert len(depths) > 5  # the slab length varies
+    assert torch.equal(label, torch.ones_like(label))  # the input is left alone
+    cut.prob = 0.0
+    assert cut({"image": image, "label": label})["label"] is label
