@@ -137,7 +137,7 @@ def _agreement(a: np.ndarray, b: np.ndarray, names: list[str]) -> str:
     from medseg.evaluation import dice_per_class
 
     per_class = dice_per_class(a, b, len(names) + 1)
-    overlap = sum(int(((a == c) & (b == c)).sum()) for c in range(1, len(names) + 1))
+    overlap = int(((a == b) & (a > 0)).sum())  # voxels where both give the same structure
     weighted = 2.0 * overlap / max(int((a > 0).sum()) + int((b > 0).sum()), 1)
     detail = ", ".join(f"{n} {d:.3f}" for n, d in zip(names, per_class, strict=True))
     return f"mean {np.nanmean(per_class):.4f}, voxel-weighted {weighted:.4f}  ({detail})"

@@ -16,6 +16,7 @@ from typing import NamedTuple, Protocol
 import numpy as np
 import numpy.typing as npt
 import torch
+from scipy import stats
 
 from dicom_io.ai_result import LesionFinding
 from medseg.inference import Prediction
@@ -99,8 +100,8 @@ def froc(scans: Sequence[ScanFindings], min_diameter_mm: float) -> tuple[list[Fr
         counted = scan.truth_diameters >= min_diameter_mm
         h = scan.hits()
         for f in range(len(scan.scores)):
-            hit_counted = np.nonzero(h[f] & counted)[0] if h.size else np.zeros(0, dtype=int)
-            hit_any = bool(h[f].any()) if h.size else False
+            hit_counted = np.nonzero(h[f] & counted)[0]
+            hit_any = bool(h[f].any())
             if hit_any and not len(hit_counted):
                 continue
             events.append((float(scan.scores[f]), n, tuple(int(i) for i in hit_counted), not hit_any))
@@ -126,14 +127,12 @@ def sensitivity_at(points: Sequence[FrocPoint], fp_per_scan: float) -> FrocPoint
     return max(allowed, key=lambda p: (p.sensitivity, p.threshold))
 
 
-def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
+def wilson_interval(successes: int, trials: int) -> tuple[float, float]:
     """95 % Wilson score interval of a proportion (sensible for small counts, unlike the normal one)."""
     if trials == 0:
         return (float("nan"), float("nan"))
-    p = successes / trials
-    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
-    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    ci = stats.binomtest(successes, trials).proportion_ci(confidence_level=0.95, method="wilson")
+    return (float(ci.low), float(ci.high))
 
 
 def bootstrap_interval(
@@ -143,9 +142,10 @@ def bootstrap_interval(
     finite = np.array([v for v in values if not math.isnan(v)], dtype=float)
     if finite.size < 2:
         return (float("nan"), float("nan"))
-    rng = np.random.default_rng(seed)
-    means = finite[rng.integers(0, finite.size, size=(resamples, finite.size))].mean(axis=1)
-    return (float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5)))
+    ci = stats.bootstrap(
+        (finite,), np.mean, n_resamples=resamples, method="percentile", rng=np.random.default_rng(seed)
+    ).confidence_interval
+    return (float(ci.low), float(ci.high))
 
 
 @dataclass(frozen=True)
