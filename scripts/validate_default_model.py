@@ -1,7 +1,8 @@
 """Validation report of a model on held-out synthetic CT: Dice, lesions, uncertainty under shift.
 
 Generates fresh cases (a dataset seed never used for training) from every training site, plus the same
-cases with injected artefacts (metal, noise, motion) and cases from the held-out ``site_d`` scanner, runs
+cases with injected artefacts (metal, noise, motion), cut to a short series (a 48 mm slab, as a limited
+scan arrives) and cases from the held-out ``site_d`` scanner, runs
 Monte-Carlo inference on each and writes ``validation_reports/<model>.md`` and ``.json``.
 
     .venv/bin/python scripts/validate_default_model.py                 # the shipped default_ct
@@ -41,6 +42,8 @@ REPORTS = Path(__file__).resolve().parents[1] / "validation_reports"
 TRAINING_SITES = ("site_a", "site_b", "site_c")
 UNSEEN_SITE = "site_d"
 FP_RATES = (0.25, 0.5, 1.0, 2.0, 4.0)
+SHORT_SCAN_MM = 48.0
+SHORT_SCAN = "short scan"
 
 
 def _volume(image: np.ndarray, affine: np.ndarray, case_id: str) -> ImageVolume:
@@ -55,6 +58,15 @@ def _volume(image: np.ndarray, affine: np.ndarray, case_id: str) -> ImageVolume:
         frames=(),
         geometry=GeometryReport(image.shape[0], 0.0, 0.0, 0.0, 0.0, ()),
     )
+
+
+def _short_scan(case: SynthCase) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Image, labels and affine of the middle ``SHORT_SCAN_MM`` of the case along z."""
+    slices = min(case.image.shape[0], max(1, round(SHORT_SCAN_MM / abs(case.affine[2, 0]))))
+    start = (case.image.shape[0] - slices) // 2
+    affine = case.affine.copy()
+    affine[:3, 3] += start * affine[:3, 0]
+    return case.image[start : start + slices], case.labels[start : start + slices], affine
 
 
 def _nanmean(values: list[float]) -> float:
@@ -76,12 +88,21 @@ def main() -> None:
     spec = model.spec
     evaluations: list[CaseEvaluation] = []
 
-    def run(case: SynthCase, image: np.ndarray, site: str, condition: str) -> None:
+    def run(
+        case: SynthCase,
+        image: np.ndarray,
+        site: str,
+        condition: str,
+        *,
+        labels: np.ndarray | None = None,
+        affine: np.ndarray | None = None,
+    ) -> None:
         started = time.perf_counter()
-        prediction = infer(_volume(image, case.affine, case.case_id), model, samples=args.samples)
+        affine = case.affine if affine is None else affine
+        prediction = infer(_volume(image, affine, case.case_id), model, samples=args.samples)
         evaluation = evaluate_prediction(
             prediction,
-            case.labels,
+            case.labels if labels is None else labels,
             case.lesions,
             spec,
             case_id=case.case_id,
@@ -105,6 +126,8 @@ def main() -> None:
                 for artefact in Artefact:
                     image = inject(case.image, artefact, seed=args.seed + index)
                     run(case, image, site, artefact.value)
+                image, labels, affine = _short_scan(case)
+                run(case, image, site, SHORT_SCAN, labels=labels, affine=affine)
     for index in range(args.cases):
         case = synthesize_case(load_site(UNSEEN_SITE), args.seed, index, slices=args.slices)
         run(case, case.image, UNSEEN_SITE, "unseen site")
@@ -140,7 +163,8 @@ def _markdown(name: str, device_uid: str, evaluations: list[CaseEvaluation], arg
         "",
         f"Device UID `{device_uid}`. Dataset seed {args.seed} (never used in training), "
         f"{args.cases} clean cases per training site, artefacts injected into the first case of each "
-        f"site, {args.cases} cases from the held-out scanner `{UNSEEN_SITE}`. "
+        f"site and its middle {SHORT_SCAN_MM:g} mm as a short scan, {args.cases} cases from the held-out "
+        f"scanner `{UNSEEN_SITE}`. "
         "Regenerate: `.venv/bin/python scripts/validate_default_model.py`.",
         "",
         "## Dice on clean held-out cases (source grid)",
@@ -200,7 +224,7 @@ def _markdown(name: str, device_uid: str, evaluations: list[CaseEvaluation], arg
         "(nats) | sample agreement | mean Dice | structures flagged |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for condition in ["clean", *[a.value for a in Artefact], "unseen site"]:
+    for condition in ["clean", *[a.value for a in Artefact], SHORT_SCAN, "unseen site"]:
         rows = [e for e in evaluations if e.condition == condition]
         if not rows:
             continue
