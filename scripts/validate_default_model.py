@@ -18,7 +18,7 @@ import argparse
 import json
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -60,13 +60,14 @@ def _volume(image: np.ndarray, affine: np.ndarray, case_id: str) -> ImageVolume:
     )
 
 
-def _short_scan(case: SynthCase) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Image, labels and affine of the middle ``SHORT_SCAN_MM`` of the case along z."""
+def _short_scan(case: SynthCase) -> SynthCase:
+    """The middle ``SHORT_SCAN_MM`` of the case along z (image, labels and affine cut together)."""
     slices = min(case.image.shape[0], max(1, round(SHORT_SCAN_MM / abs(case.affine[2, 0]))))
     start = (case.image.shape[0] - slices) // 2
     affine = case.affine.copy()
     affine[:3, 3] += start * affine[:3, 0]
-    return case.image[start : start + slices], case.labels[start : start + slices], affine
+    window = slice(start, start + slices)
+    return replace(case, image=case.image[window], labels=case.labels[window], affine=affine)
 
 
 def _nanmean(values: list[float]) -> float:
@@ -88,21 +89,12 @@ def main() -> None:
     spec = model.spec
     evaluations: list[CaseEvaluation] = []
 
-    def run(
-        case: SynthCase,
-        image: np.ndarray,
-        site: str,
-        condition: str,
-        *,
-        labels: np.ndarray | None = None,
-        affine: np.ndarray | None = None,
-    ) -> None:
+    def run(case: SynthCase, image: np.ndarray, site: str, condition: str) -> None:
         started = time.perf_counter()
-        affine = case.affine if affine is None else affine
-        prediction = infer(_volume(image, affine, case.case_id), model, samples=args.samples)
+        prediction = infer(_volume(image, case.affine, case.case_id), model, samples=args.samples)
         evaluation = evaluate_prediction(
             prediction,
-            case.labels if labels is None else labels,
+            case.labels,
             case.lesions,
             spec,
             case_id=case.case_id,
@@ -126,8 +118,8 @@ def main() -> None:
                 for artefact in Artefact:
                     image = inject(case.image, artefact, seed=args.seed + index)
                     run(case, image, site, artefact.value)
-                image, labels, affine = _short_scan(case)
-                run(case, image, site, SHORT_SCAN, labels=labels, affine=affine)
+                short = _short_scan(case)
+                run(short, short.image, site, SHORT_SCAN)
     for index in range(args.cases):
         case = synthesize_case(load_site(UNSEEN_SITE), args.seed, index, slices=args.slices)
         run(case, case.image, UNSEEN_SITE, "unseen site")
