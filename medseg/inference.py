@@ -242,16 +242,19 @@ def infer(
     assert isinstance(out, torch.Tensor)
     window: tuple[Any, ...] = (0, slice(None), *crop)
     out = out[window].float().cpu()
-    c = spec.num_classes
-    mean_p = out[:c]
+    channels = sampler.channels
+    mean_p = channels.mean(out)
     predictive = entropy(mean_p, dim=0)
-    mutual = out[2 * c].clamp_min(0.0)
-    focal = [label.value for label in spec.labels if label.focal]
+    mutual = channels.mutual_information(out).clamp_min(0.0)
     candidates = [
         finding
-        for i, label in enumerate(focal)
+        for i, label in enumerate(sampler.focal_labels)
         for finding in lesion_findings(
-            mean_p[label], out[c + label], out[2 * c + 1 + i], model_input.grid, spec.review
+            mean_p[label],
+            channels.focal_variance(out, i),
+            channels.votes(out, i),
+            model_input.grid,
+            spec.review,
         )
     ]
     limit = spec.review.max_lesion_findings
@@ -265,8 +268,8 @@ def infer(
     mark("network")
 
     label_map = argmax_to_source(mean_p, model_input.grid)
-    entropy_map = map_to_source(predictive, model_input.grid).astype(np.float32)
-    mi_map = map_to_source(mutual, model_input.grid).astype(np.float32)
+    entropy_map = map_to_source(predictive, model_input.grid)
+    mi_map = map_to_source(mutual, model_input.grid)
     np.maximum(entropy_map, 0, out=entropy_map)
     np.maximum(mi_map, 0, out=mi_map)
     mark("resample to source grid")

@@ -9,6 +9,7 @@ inference call the same functions: no train/inference skew.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -73,6 +74,29 @@ def _orient(array: npt.NDArray[np.generic], ornt: npt.NDArray[np.float64]) -> np
     return np.ascontiguousarray(orientations.apply_orientation(array, ornt))
 
 
+def _source_order_shape(grid: ModelGrid) -> tuple[int, int, int]:
+    """The model grid's shape with its axes in source (slice, row, column) order."""
+    a, b, c = (grid.shape[int(grid.ornt[axis, 0])] for axis in range(3))
+    return (a, b, c)
+
+
+def _orient_tensor(tensor: torch.Tensor, ornt: npt.NDArray[np.float64]) -> torch.Tensor:
+    """``_orient`` on the last three axes of a tensor (source order in, model order out), as a view."""
+    lead = tensor.ndim - 3
+    flips = [lead + a for a in range(3) if ornt[a, 1] < 0]
+    flipped = tensor.flip(flips) if flips else tensor
+    order = [lead + int(np.where(ornt[:, 0] == m)[0][0]) for m in range(3)]
+    return flipped.permute(*range(lead), *order)
+
+
+def _unorient_tensor(tensor: torch.Tensor, grid: ModelGrid) -> torch.Tensor:
+    """Undo ``_orient_tensor``: model axes (last three) back to source order and direction."""
+    lead = tensor.ndim - 3
+    permuted = tensor.permute(*range(lead), *(lead + int(grid.ornt[a, 0]) for a in range(3)))
+    flips = [lead + a for a in range(3) if grid.ornt[a, 1] < 0]
+    return permuted.flip(flips) if flips else permuted
+
+
 def _resize(tensor: torch.Tensor, shape: tuple[int, int, int], *, labels: bool = False) -> torch.Tensor:
     """Resample a (C, X, Y, Z) tensor; trilinear for intensities, nearest-exact for label values."""
     if tuple(tensor.shape[1:]) == shape:
@@ -122,8 +146,12 @@ def to_model(volume: ImageVolume, spec: ModelSpec) -> ModelInput:
             f"{spec.name} (it handles {', '.join(spec.modalities)})"
         )
     grid = plan_grid(volume.array.shape, volume.affine, spec)
-    oriented = _orient(volume.array, grid.ornt)
-    resampled = _resize(torch.from_numpy(oriented)[None], grid.shape)
+    # Resampling before reorienting gives the same grid (both are per-axis and flip-symmetric with
+    # align_corners=False) and reorients the small array instead of the source-sized one.
+    with warnings.catch_warnings():  # the read-only source array is only read
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        source = torch.from_numpy(volume.array)[None]
+    resampled = _orient_tensor(_resize(source, _source_order_shape(grid)), grid.ornt).contiguous()
     image = torch.from_numpy(normalize(resampled.numpy(), volume.modality, spec))
     return ModelInput(image=image, grid=grid)
 
@@ -176,17 +204,11 @@ def labels_to_model(labels: npt.NDArray[np.integer], grid: ModelGrid) -> torch.T
 
 
 def map_to_source(tensor: torch.Tensor, grid: ModelGrid) -> FloatArray:
-    """One (X, Y, Z) float map on the model grid back onto the source grid (trilinear), float32 numpy."""
-    resampled = _resize(tensor[None].float(), grid.oriented_shape)[0]
-    return np.asarray(_unorient(resampled.numpy(), grid), dtype=np.float32)
+    """One (X, Y, Z) float map on the model grid back onto the source grid (trilinear), float32 numpy.
 
-
-def _unorient(array: npt.NDArray[np.generic], grid: ModelGrid) -> npt.NDArray[np.generic]:
-    """Undo ``_orient``: model axes back to source (slice, row, column) order and direction."""
-    back = np.empty_like(grid.ornt)
-    for source_axis, (model_axis, flip) in enumerate(grid.ornt):
-        back[int(model_axis)] = (source_axis, flip)
-    return np.ascontiguousarray(orientations.apply_orientation(array, back))
+    Reoriented on the model grid first (small), then resampled straight onto the source grid."""
+    source_order = _unorient_tensor(tensor.float(), grid).contiguous()
+    return _resize(source_order[None], grid.source_shape)[0].numpy()
 
 
 def argmax_to_source(probabilities: torch.Tensor, grid: ModelGrid) -> npt.NDArray[np.uint8]:
@@ -195,11 +217,12 @@ def argmax_to_source(probabilities: torch.Tensor, grid: ModelGrid) -> npt.NDArra
     Each class channel is interpolated onto the source grid in turn and a running maximum kept, so
     memory is three source-sized arrays however many classes there are (not C of them).
     """
-    best = torch.full(grid.oriented_shape, -1.0)
-    label = torch.zeros(grid.oriented_shape, dtype=torch.uint8)
+    source_order = _unorient_tensor(probabilities.float(), grid)
+    best = torch.full(grid.source_shape, -1.0)
+    label = torch.zeros(grid.source_shape, dtype=torch.uint8)
     for c in range(probabilities.shape[0]):
-        channel = _resize(probabilities[c : c + 1].float(), grid.oriented_shape)[0]
+        channel = _resize(source_order[c : c + 1].contiguous(), grid.source_shape)[0]
         better = channel > best
-        best = torch.where(better, channel, best)
-        label[better] = c
-    return np.asarray(_unorient(label.numpy(), grid), dtype=np.uint8)
+        torch.maximum(best, channel, out=best)
+        label.masked_fill_(better, c)
+    return label.numpy()

@@ -1,14 +1,18 @@
 """Monte-Carlo dropout sampling for sliding-window inference, with statistics accumulated online.
 
 Per window, the trunk runs once (``stochastic: head``) or the whole network runs with all samples stacked
-in the batch (``stochastic: all``); either way samples are batched, never looped over whole volumes. Per
-voxel the sampler keeps a running mean and variance of the class probabilities (Welford) and the running
-mean of the per-sample entropy, so memory does not grow with the number of samples. Mutual information
-(the epistemic part) is ``H(mean p) - mean H(p)`` per window, then blended like the probabilities.
+in the batch (``stochastic: all``); either way samples are batched, never looped over whole volumes. The
+statistics are computed voxel chunk by voxel chunk (a few thousand voxels, so that the samples' logits
+and probabilities stay in the CPU cache instead of streaming ten full-window copies through memory): per
+voxel the mean class probabilities, the variance of the focal labels' probability, the mutual
+information (the epistemic part, ``H(mean p) - mean H(p)``, computed inside each window so that
+disagreement between overlapping windows is not mistaken for disagreement between samples) and the vote
+of each focal label; MONAI then blends these like probabilities. Nothing per sample outlives its window
+but one int8 label map, so memory does not grow with the number of samples.
 
 Per structure it also accumulates each sample's volume and the pairwise overlaps between samples, weighted
 so that overlapping windows count once; from those come the volume spread and the agreement (mean pairwise
-Dice) between samples. These need one small label map per sample per window (int8), not per volume.
+Dice) between samples.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from medseg.model_spec import Stochastic
 from medseg.networks import SegmentationNet
 
 EPS = 1e-8
+CHUNK_VOXELS = 4096  # per chunk: samples x classes x 4096 float32 logits, ~1.5 MB for 10 x 9
 
 
 def entropy(probabilities: torch.Tensor, dim: int = 1) -> torch.Tensor:
@@ -30,33 +35,36 @@ def entropy(probabilities: torch.Tensor, dim: int = 1) -> torch.Tensor:
     return -(p * p.log()).sum(dim=dim)
 
 
-class OnlineMoments:
-    """Running mean and variance (Welford), updated with one batch of samples at a time."""
+@dataclass(frozen=True)
+class ChunkStatistics:
+    """Monte-Carlo statistics of one chunk of voxels, from the logits of all samples there."""
 
-    def __init__(self) -> None:
-        self.count = 0
-        self.mean: torch.Tensor | None = None
-        self.m2: torch.Tensor | None = None
+    mean: torch.Tensor  # (C, K) mean class probabilities
+    focal_variance: torch.Tensor  # (F, K) variance over samples of each focal label's probability
+    mutual_information: torch.Tensor  # (K,) nats
+    onehot: torch.Tensor  # (C, S, K) float, 1 where the class is that sample's label (its argmax)
 
-    def update(self, batch: torch.Tensor) -> None:
-        """Add samples stacked along dim 0 (Chan et al.'s pairwise combination of mean and M2)."""
-        n = batch.shape[0]
-        batch_mean = batch.mean(dim=0)
-        batch_m2 = ((batch - batch_mean) ** 2).sum(dim=0) if n > 1 else torch.zeros_like(batch_mean)
-        if self.mean is None or self.m2 is None:
-            self.count, self.mean, self.m2 = n, batch_mean, batch_m2
-            return
-        total = self.count + n
-        delta = batch_mean - self.mean
-        self.mean = self.mean + delta * (n / total)
-        self.m2 = self.m2 + batch_m2 + delta**2 * (self.count * n / total)
-        self.count = total
 
-    @property
-    def variance(self) -> torch.Tensor:
-        if self.m2 is None:
-            raise ValueError("no samples accumulated")
-        return self.m2 / max(self.count - 1, 1)
+def chunk_statistics(logits: torch.Tensor, focal_labels: Sequence[int]) -> ChunkStatistics:
+    """Statistics of ``logits`` (C classes, S samples, K voxels: classes outermost, so that the softmax and
+    the argmax reduce over whole rows).
+
+    The per-sample entropy is ``log sum exp z - sum p z`` (no logarithm of each probability). A sample's
+    label is the class whose logit equals the maximum: an exact tie, which float logits practically never
+    produce, would count for both classes.
+    """
+    shifted = logits - logits.amax(dim=0)
+    onehot = (shifted == 0).float()
+    p = shifted.exp()
+    total = p.sum(dim=0)
+    p /= total
+    sample_entropy = total.log_() - (p * shifted).sum(dim=0)  # (S, K)
+    mean = p.mean(dim=1)
+    mutual = (entropy(mean, dim=0) - sample_entropy.mean(dim=0)).clamp_min(0.0)
+    focal = list(focal_labels)
+    deviation = p[focal] - mean[focal][:, None]
+    focal_variance = (deviation * deviation).sum(dim=1) / max(logits.shape[1] - 1, 1)
+    return ChunkStatistics(mean, focal_variance, mutual, onehot)
 
 
 @dataclass(frozen=True)
@@ -67,13 +75,39 @@ class SampleStructureStats:
     agreement: torch.Tensor  # (classes,), 1.0 where no sample found the class
 
 
+@dataclass(frozen=True)
+class WindowChannels:
+    """Where each statistic sits in the sampler's output channels (blended by sliding-window inference)."""
+
+    num_classes: int
+    num_focal: int
+
+    @property
+    def count(self) -> int:
+        return self.num_classes + 2 * self.num_focal + 1
+
+    def mean(self, out: torch.Tensor) -> torch.Tensor:
+        """(C, ...) mean class probabilities of an output with channels first."""
+        return out[: self.num_classes]
+
+    def focal_variance(self, out: torch.Tensor, i: int) -> torch.Tensor:
+        """Variance over samples of the probability of the ``i``-th focal label."""
+        return out[self.num_classes + i]
+
+    def mutual_information(self, out: torch.Tensor) -> torch.Tensor:
+        return out[self.num_classes + self.num_focal]
+
+    def votes(self, out: torch.Tensor, i: int) -> torch.Tensor:
+        """Share of samples whose label is the ``i``-th focal label."""
+        return out[self.num_classes + self.num_focal + 1 + i]
+
+
 class MonteCarloSampler:
     """A ``sliding_window_inference`` predictor (``with_coord=True``) that samples dropout masks.
 
-    Returns per window the channels ``[mean p (C), var p (C), mutual information (1), votes (F)]``;
-    mutual information is computed inside each window (across samples only), so that disagreement between
-    overlapping windows is not mistaken for disagreement between samples; ``votes`` is, per focal label,
-    the fraction of samples whose label is that one (what lesion findings are built from).
+    Returns per window the channels of ``WindowChannels``: mean p (C), variance of each focal label's
+    p (F), mutual information (1) and, per focal label, the share of samples whose label is that one
+    (votes, what lesion findings are built from).
     ``weights`` is 1 / (number of windows covering each voxel), so per-sample volumes add up exactly once.
     With ``stochastic: head`` the masks come from ``generator`` (seeded by the caller), one per sample and
     feature channel, and are shared by all windows: sample ``s`` is the same network everywhere.
@@ -111,54 +145,62 @@ class MonteCarloSampler:
         masks = keep.to(weight.dtype) / (1.0 - p)
         return weight.cpu()[None] * masks[:, None, :]
 
-    def _sample_logits(
-        self, window: torch.Tensor, features: torch.Tensor | None, first: int, n: int
-    ) -> torch.Tensor:
-        """Logits of samples ``first .. first+n`` for every window in the batch: (n, B, C, X, Y, Z)."""
-        if self.stochastic is Stochastic.HEAD:
-            assert features is not None and self.head_weights is not None
-            w = self.head_weights[first : first + n].to(features.device, features.dtype)
-            bias = self.net.classifier.bias
-            logits = torch.einsum("ncf,bf...->nbc...", w, features)
-            if bias is not None:
-                logits = logits + bias.to(logits.dtype).reshape(1, 1, -1, *([1] * (features.ndim - 2)))
-            return logits
-        logits = self.net(window.repeat(n, *([1] * (window.ndim - 1))))
-        return logits.reshape(n, window.shape[0], *logits.shape[1:])
+    @property
+    def channels(self) -> WindowChannels:
+        return WindowChannels(self.num_classes, len(self.focal_labels))
+
+    def _head_logits(self, features: torch.Tensor, chunk: slice) -> torch.Tensor:
+        """(C, S, K) logits of every sample at voxels ``chunk`` of flattened (F, V) features."""
+        assert self.head_weights is not None
+        w = self.head_weights.transpose(0, 1).to(features.device, features.dtype)  # (C, S, F)
+        logits = (w.reshape(-1, w.shape[2]) @ features[:, chunk]).reshape(self.num_classes, self.samples, -1)
+        bias = self.net.classifier.bias
+        return logits if bias is None else logits + bias.to(logits.dtype)[:, None, None]
+
+    def _trunk_logits(self, window: torch.Tensor) -> torch.Tensor:
+        """(B, C, S, V) logits of the whole stochastic network, ``samples_per_batch`` copies at a time."""
+        parts = []
+        for first in range(0, self.samples, self.samples_per_batch):
+            n = min(self.samples_per_batch, self.samples - first)
+            logits = self.net(window.repeat(n, *([1] * (window.ndim - 1)))).float()
+            parts.append(logits.reshape(n, window.shape[0], logits.shape[1], -1))
+        return torch.cat(parts).permute(1, 2, 0, 3).contiguous()
 
     def __call__(self, window: torch.Tensor, locations: Sequence[Sequence[slice]]) -> torch.Tensor:
-        moments = OnlineMoments()
-        sample_entropy = OnlineMoments()
-        labels: list[torch.Tensor] = []
-        features = self.net.features(window) if self.stochastic is Stochastic.HEAD else None
-        done = 0
-        while done < self.samples:
-            n = min(self.samples_per_batch, self.samples - done)
-            logits = self._sample_logits(window, features, done, n).float()
-            log_p = torch.log_softmax(logits, dim=2)
-            probs = log_p.exp()
-            moments.update(probs)
-            sample_entropy.update(-(probs * log_p).sum(dim=2))
-            labels.append(_argmax_classes(logits))
-            done += n
-        per_sample = torch.cat(labels)
-        if self.samples > 1:
-            self._accumulate_structures(per_sample, locations)
-        assert moments.mean is not None and sample_entropy.mean is not None
-        mutual = (entropy(moments.mean, dim=1) - sample_entropy.mean).clamp_min(0.0)
-        votes = [(per_sample == label).float().mean(dim=0)[:, None] for label in self.focal_labels]
-        return torch.cat([moments.mean, moments.variance, mutual[:, None], *votes], dim=1)
-
-    def _accumulate_structures(self, labels: torch.Tensor, locations: Sequence[Sequence[slice]]) -> None:
-        """labels: (samples, B, X, Y, Z) per-sample argmax of the windows at ``locations``."""
+        batch, spatial = window.shape[0], window.shape[2:]
+        voxels = int(torch.Size(spatial).numel())
+        channels = self.channels
+        out = torch.empty((batch, channels.count, voxels), dtype=torch.float32, device=window.device)
+        features = trunk_logits = None
+        if self.stochastic is Stochastic.HEAD:
+            features = self.net.features(window).float().reshape(batch, -1, voxels)
+        else:
+            trunk_logits = self._trunk_logits(window)
+        c, f = self.num_classes, len(self.focal_labels)
+        focal = list(self.focal_labels)
         for b, location in enumerate(locations):
-            w = self.weights[tuple(location[2:])].reshape(-1)
-            per_sample = labels[:, b].reshape(self.samples, -1)
-            for c in range(self.num_classes):
-                member = (per_sample == c).float()
-                weighted = member * w
-                self.volumes[:, c] += weighted.sum(dim=1).double().cpu()
-                self.overlaps[c] += (weighted @ member.T).double().cpu()
+            weights = self.weights[tuple(location[2:])].reshape(-1).to(window.device)
+            volumes = torch.zeros((c, self.samples), dtype=torch.float32, device=window.device)
+            overlaps = torch.zeros((c, self.samples, self.samples), dtype=torch.float32, device=window.device)
+            for start in range(0, voxels, CHUNK_VOXELS):
+                chunk = slice(start, min(start + CHUNK_VOXELS, voxels))
+                logits = (
+                    self._head_logits(features[b], chunk)
+                    if features is not None
+                    else trunk_logits[b, :, :, chunk]  # type: ignore[index]
+                )
+                stats = chunk_statistics(logits, focal)
+                out[b, :c, chunk] = stats.mean
+                out[b, c : c + f, chunk] = stats.focal_variance
+                out[b, c + f, chunk] = stats.mutual_information
+                out[b, c + f + 1 :, chunk] = stats.onehot[focal].mean(dim=1)
+                if self.samples > 1:
+                    weighted = stats.onehot * weights[chunk]
+                    volumes += weighted.sum(dim=2)
+                    overlaps += torch.bmm(weighted, stats.onehot.transpose(1, 2))
+            self.volumes += volumes.T.double().cpu()
+            self.overlaps += overlaps.double().cpu()
+        return out.reshape(batch, channels.count, *spatial)
 
     def structure_stats(self) -> SampleStructureStats:
         vol = self.volumes
@@ -171,14 +213,3 @@ class MonteCarloSampler:
                 dice = torch.where(size > 0, 2 * inter / size.clamp_min(EPS), torch.ones_like(size))
                 agreement[c] = dice.mean()
         return SampleStructureStats(volumes=vol, agreement=agreement)
-
-
-def _argmax_classes(logits: torch.Tensor) -> torch.Tensor:
-    """argmax over dim 2 as int8 by a running maximum (several times faster than ``argmax`` on CPU here)."""
-    best = logits[:, :, 0].clone()
-    index = torch.zeros(best.shape, dtype=torch.int8, device=logits.device)
-    for c in range(1, logits.shape[2]):
-        better = logits[:, :, c] > best
-        best = torch.maximum(best, logits[:, :, c])
-        index[better] = c
-    return index

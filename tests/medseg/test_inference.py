@@ -25,7 +25,7 @@ from medseg.preprocess import (
     to_model,
 )
 from medseg.synth import load_site, synthesize_case
-from medseg.uncertainty import OnlineMoments, entropy
+from medseg.uncertainty import entropy
 from tests.medseg.tiny_model import tiny_spec_data
 
 DEFAULT_SPEC = MODELS_DIR / "default_ct.yaml"
@@ -94,14 +94,22 @@ def test_unbuildable_network_is_a_spec_error() -> None:
         SegmentationNet(parse_spec(data, "bad.yaml"))
 
 
-def test_online_moments_match_batch_statistics() -> None:
-    x = torch.rand(10, 3, 5)
-    moments = OnlineMoments()
-    for chunk in (x[:3], x[3:4], x[4:]):
-        moments.update(chunk)
-    assert moments.mean is not None
-    torch.testing.assert_close(moments.mean, x.mean(0))
-    torch.testing.assert_close(moments.variance, x.var(0))
+def test_chunk_statistics_match_a_direct_computation() -> None:
+    """Mean, focal variance, mutual information and labels against softmax / var / argmax written out."""
+    from medseg.uncertainty import chunk_statistics
+
+    torch.manual_seed(0)
+    logits = torch.randn(9, 10, 500) * 3  # (classes, samples, voxels)
+    stats = chunk_statistics(logits, [8])
+    p = torch.softmax(logits, dim=0)
+    mean = p.mean(dim=1)
+    expected_mi = entropy(mean, dim=0) - entropy(p, dim=0).mean(dim=0)
+    torch.testing.assert_close(stats.mean, mean)
+    torch.testing.assert_close(stats.focal_variance[0], p[8].var(dim=0))
+    torch.testing.assert_close(stats.mutual_information, expected_mi.clamp_min(0), atol=1e-5, rtol=1e-4)
+    labels = logits.argmax(dim=0)
+    torch.testing.assert_close(stats.onehot.argmax(dim=0), labels)
+    assert torch.all(stats.onehot.sum(dim=0) == 1)
 
 
 def test_entropy_in_nats() -> None:
@@ -177,12 +185,48 @@ def test_head_sampling_equals_explicit_dropout_masks(tmp_path: Path) -> None:
     x = torch.randn(1, 1, 32, 32, 32)
     with torch.no_grad():
         features = net.features(x)
-        fast = sampler._sample_logits(x, features, 0, 3)
+        fast = sampler._head_logits(features[0].reshape(features.shape[1], -1), slice(None))
         assert sampler.head_weights is not None
         for s in range(3):
             keep = (sampler.head_weights[s].abs().sum(0) > 0).float() / 0.5
             slow = net.classifier(features * keep.reshape(1, -1, 1, 1, 1))
-            torch.testing.assert_close(fast[s], slow, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(fast[:, s], slow.reshape(9, -1), atol=1e-4, rtol=1e-4)
+
+
+def test_sampler_window_statistics_equal_the_samples_written_out(tmp_path: Path) -> None:
+    """Chunked statistics of one window (8 chunks) against all samples' softmax computed at once."""
+    from medseg.uncertainty import MonteCarloSampler
+
+    model = _model(tmp_path, samples=5, dropout=0.5)
+    net = model.network.eval()
+    weights = torch.full((32, 32, 32), 0.5)
+    sampler = MonteCarloSampler(
+        net,
+        samples=5,
+        stochastic=Stochastic.HEAD,
+        num_classes=9,
+        weights=weights,
+        generator=torch.Generator().manual_seed(3),
+        focal_labels=[8],
+    )
+    x = torch.randn(1, 1, 32, 32, 32)
+    location = [slice(None), slice(None), slice(0, 32), slice(0, 32), slice(0, 32)]
+    with torch.no_grad():
+        out = sampler(x, [location])[0]
+        assert sampler.head_weights is not None
+        features = net.features(x)[0]
+        logits = torch.einsum("scf,fxyz->scxyz", sampler.head_weights, features)
+        logits = logits + net.classifier.bias[None, :, None, None, None]
+    p = torch.softmax(logits, dim=1)  # (samples, classes, X, Y, Z)
+    labels = logits.argmax(dim=1)
+    channels = sampler.channels
+    torch.testing.assert_close(channels.mean(out), p.mean(0), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(channels.focal_variance(out, 0), p[:, 8].var(0), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(channels.votes(out, 0), (labels == 8).float().mean(0))
+    expected_volumes = torch.stack([(labels == c).flatten(1).sum(1) for c in range(9)], dim=1) * 0.5
+    torch.testing.assert_close(sampler.volumes, expected_volumes.double())
+    both = (labels[0] == 1) & (labels[1] == 1)
+    assert float(sampler.overlaps[1, 0, 1]) == pytest.approx(0.5 * float(both.sum()))
 
 
 def test_one_sample_is_deterministic_with_no_epistemic_part(tmp_path: Path) -> None:
