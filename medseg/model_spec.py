@@ -181,6 +181,14 @@ class TrainingSpec(_Frozen):
     # share of patches cut to a short scan along z (air above and below, as inference pads a short series)
     short_scan_probability: Probability = 0.0
     short_scan_min_fraction: float = Field(default=0.15, gt=0, le=1)  # shortest kept slab / patch depth
+    # Focal labels (lesions) are a few voxels on the model grid and absent from most patches: without help
+    # their channel never learns. Share of the structure-centred patches centred on a focal label (split
+    # equally among them; None: the same share as any structure), their weight in the loss (Dice and
+    # cross-entropy, relative to 1 for every other class), and Dice over the whole batch rather than per
+    # patch (so a patch without a lesion does not count as a perfect lesion score).
+    focal_crop_share: Probability | None = None
+    focal_class_weight: Positive = 1.0
+    dice_over_batch: bool = False
 
 
 class ModelSpec(_Frozen):

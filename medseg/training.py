@@ -13,6 +13,7 @@ import json
 import logging
 import random
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -123,12 +124,28 @@ class RandShortScand(Randomizable, MapTransform):
         return out
 
 
-def augmentation(training: TrainingSpec, num_classes: int, seed: int) -> Compose:
-    """Class-balanced random patch + geometry jitter + scanner-like intensity changes (noise, drift).
+def crop_ratios(training: TrainingSpec, num_classes: int, focal_labels: Sequence[int]) -> list[float]:
+    """How often a patch is centred on each class (background first), for ``RandCropByLabelClassesd``.
 
-    Patches are centred on each structure equally often (small organs such as the kidneys and the aorta
-    are otherwise almost never seen next to the lungs and the liver).
+    Structures share ``foreground_ratio`` equally (small organs such as the kidneys and the aorta are
+    otherwise almost never seen next to the lungs and the liver), unless ``focal_crop_share`` of it goes
+    to the focal labels.
     """
+    structures = list(range(1, num_classes))
+    focal = [c for c in structures if c in focal_labels]
+    share = training.foreground_ratio
+    ratios = [1.0 - share] + [share / len(structures)] * len(structures)
+    if focal and training.focal_crop_share is not None and len(focal) < len(structures):
+        per_focal = share * training.focal_crop_share / len(focal)
+        per_other = share * (1.0 - training.focal_crop_share) / (len(structures) - len(focal))
+        ratios = [1.0 - share] + [per_focal if c in focal else per_other for c in structures]
+    return ratios
+
+
+def augmentation(
+    training: TrainingSpec, num_classes: int, seed: int, focal_labels: Sequence[int] = ()
+) -> Compose:
+    """Class-balanced random patch (``crop_ratios``) + geometry jitter + scanner-like intensity changes."""
     transform = Compose(
         [
             SpatialPadd(
@@ -139,8 +156,7 @@ def augmentation(training: TrainingSpec, num_classes: int, seed: int) -> Compose
                 label_key="label",
                 spatial_size=training.patch_size,
                 num_classes=num_classes,
-                ratios=[1.0 - training.foreground_ratio]
-                + [training.foreground_ratio / (num_classes - 1)] * (num_classes - 1),
+                ratios=crop_ratios(training, num_classes, focal_labels),
                 num_samples=1,
                 warn=False,
             ),
@@ -168,11 +184,15 @@ def augmentation(training: TrainingSpec, num_classes: int, seed: int) -> Compose
 
 
 def batches(
-    cases: Sequence[TrainingCase], training: TrainingSpec, num_classes: int, seed: int
+    cases: Sequence[TrainingCase],
+    training: TrainingSpec,
+    num_classes: int,
+    seed: int,
+    focal_labels: Sequence[int] = (),
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless (image, label) batches of random patches from random cases."""
     rng = random.Random(seed)
-    transform = augmentation(training, num_classes, seed)
+    transform = augmentation(training, num_classes, seed, focal_labels)
     while True:
         images, labels = [], []
         for _ in range(training.batch_size):
@@ -183,10 +203,13 @@ def batches(
         yield torch.stack(images).float(), torch.stack(labels).long()
 
 
-def make_loss(training: TrainingSpec) -> nn.Module:
+def make_loss(training: TrainingSpec, num_classes: int, focal_labels: Sequence[int] = ()) -> nn.Module:
+    """Dice + cross-entropy (or focal), focal labels weighted by ``focal_class_weight`` in both terms."""
+    weight = torch.ones(num_classes)
+    weight[list(focal_labels)] = training.focal_class_weight
     if training.loss == "dice_focal":
-        return DiceFocalLoss(to_onehot_y=True, softmax=True)
-    return DiceCELoss(to_onehot_y=True, softmax=True)
+        return DiceFocalLoss(to_onehot_y=True, softmax=True, batch=training.dice_over_batch, weight=weight)
+    return DiceCELoss(to_onehot_y=True, softmax=True, batch=training.dice_over_batch, weight=weight)
 
 
 def train_step(
@@ -206,21 +229,37 @@ def train_step(
     return float(loss.detach())
 
 
+@dataclass(frozen=True)
+class ValidationScore:
+    """Validation Dice on the model grid: the mean over cases of each case's mean foreground Dice (what
+    selects the best checkpoint), and the mean per structure name (NaN where no case has it), so that a
+    channel that never learned (a dead lesion channel) shows instead of hiding in the mean."""
+
+    mean: float
+    per_structure: dict[str, float]
+
+
 @torch.inference_mode()
 def evaluate(
     network: SegmentationNet, cases: Sequence[TrainingCase], spec: ModelSpec, device: torch.device
-) -> float:
-    """Mean foreground Dice on the model grid, deterministic sliding window (validation each epoch)."""
+) -> ValidationScore:
+    """Dice of a deterministic sliding-window pass over each validation case (validation each epoch)."""
     network.eval()
-    scores = []
+    per_case = []
     for case in cases:
         logits = sliding_window_inference(
             case.image[None].to(device), spec.inference.roi_size, 1, network, overlap=spec.inference.overlap
         )
         assert isinstance(logits, torch.Tensor)
-        dice = dice_per_class(logits.argmax(1).cpu(), case.labels[0][None], spec.num_classes)
-        scores.append(float(np.nanmean(dice)))
-    return float(np.mean(scores))
+        per_case.append(dice_per_class(logits.argmax(1).cpu(), case.labels[0][None], spec.num_classes))
+    scores = np.array(per_case, dtype=float)  # (cases, structures)
+    with warnings.catch_warnings():  # a structure no validation case has is NaN, not a warning
+        warnings.simplefilter("ignore", RuntimeWarning)
+        by_structure = np.nanmean(scores, axis=0)
+    return ValidationScore(
+        mean=float(np.mean(np.nanmean(scores, axis=1))),
+        per_structure={label.name: float(by_structure[label.value - 1]) for label in spec.labels},
+    )
 
 
 def freeze_encoder(network: SegmentationNet) -> int:
@@ -292,7 +331,8 @@ def train(
     )
     total = training.epochs * training.iterations_per_epoch
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
-    loss_fn = make_loss(training)
+    focal_labels = [label.value for label in spec.labels if label.focal]
+    loss_fn = make_loss(training, spec.num_classes, focal_labels).to(device)
     start_epoch, best, history = 0, -1.0, []
     checkpoint_path = output / CHECKPOINT
     if resume and checkpoint_path.exists():
@@ -314,7 +354,7 @@ def train(
         weights_sha256="",
         init_from=str(init) if init else None,
     )
-    batch_iter = batches(train_cases, training, spec.num_classes, seed + start_epoch)
+    batch_iter = batches(train_cases, training, spec.num_classes, seed + start_epoch, focal_labels)
     started = time.perf_counter()
     model: Model | None = None
     for epoch in range(start_epoch, training.epochs):
@@ -329,9 +369,23 @@ def train(
                     total,
                     f"epoch {epoch + 1}/{training.epochs} loss {np.mean(losses):.3f} best {best:.3f}",
                 )
-        dice = evaluate(network, val_cases, spec, device)
-        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_dice": dice})
-        log.info("epoch %d: loss %.4f, validation Dice %.4f", epoch + 1, np.mean(losses), dice)
+        score = evaluate(network, val_cases, spec, device)
+        dice = score.mean
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "loss": float(np.mean(losses)),
+                "val_dice": dice,
+                **{f"val_dice {name}": value for name, value in score.per_structure.items()},
+            }
+        )
+        log.info(
+            "epoch %d: loss %.4f, validation Dice %.4f (%s)",
+            epoch + 1,
+            np.mean(losses),
+            dice,
+            ", ".join(f"{name} {value:.3f}" for name, value in score.per_structure.items()),
+        )
         if dice > best:
             best = dice
             model = save_model(

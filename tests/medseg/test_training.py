@@ -15,7 +15,7 @@ from medseg.model import load_model
 from medseg.model_spec import MODELS_DIR, parse_spec
 from medseg.networks import SegmentationNet
 from medseg.synth import generate_dataset, load_site
-from medseg.training import RandShortScand, freeze_encoder, make_loss, train, train_step
+from medseg.training import RandShortScand, crop_ratios, freeze_encoder, make_loss, train, train_step
 from tests.medseg.tiny_model import tiny_spec_data
 
 
@@ -59,7 +59,7 @@ def test_train_step_lowers_the_loss_on_one_batch() -> None:
     images = torch.randn(1, 1, 32, 32, 32)
     labels = (images > 0.5).long()
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
-    loss_fn = make_loss(spec.training)
+    loss_fn = make_loss(spec.training, spec.num_classes)
     losses = [train_step(net, (images, labels), optimizer, loss_fn, torch.device("cpu")) for _ in range(8)]
     assert losses[-1] < losses[0]
 
@@ -122,3 +122,21 @@ def test_short_scan_keeps_one_slab_and_makes_the_rest_air_and_background() -> No
     assert torch.equal(label, torch.ones_like(label))  # the input is left alone
     cut.prob = 0.0
     assert cut({"image": image, "label": label})["label"] is label
+
+
+def test_focal_labels_get_their_crop_share_and_loss_weight() -> None:
+    spec = parse_spec(yaml.safe_load((MODELS_DIR / "default_ct.yaml").read_text()), "default")
+    plain = spec.training.model_copy(update={"focal_crop_share": None, "focal_class_weight": 1.0})
+    equal = crop_ratios(plain, 9, [8])
+    assert equal[0] == pytest.approx(0.1) and equal[1:] == pytest.approx([0.9 / 8] * 8)
+    shared = crop_ratios(plain.model_copy(update={"focal_crop_share": 0.3}), 9, [8])
+    assert shared[8] == pytest.approx(0.9 * 0.3) and shared[1] == pytest.approx(0.9 * 0.7 / 7)
+    assert sum(shared) == pytest.approx(1.0)
+    loss = make_loss(plain.model_copy(update={"focal_class_weight": 3.0}), 9, [8])
+    assert loss.cross_entropy.weight.tolist() == [1.0] * 8 + [3.0]
+    # a focal class the network misses costs more when it is weighted
+    logits = torch.zeros(1, 9, 8, 8, 8)
+    logits[:, 0] = 2.0
+    labels = torch.zeros(1, 1, 8, 8, 8, dtype=torch.long)
+    labels[..., :2, :2, :2] = 8
+    assert float(loss(logits, labels)) > float(make_loss(plain, 9, [8])(logits, labels))
