@@ -27,6 +27,7 @@ from medseg.networks import SegmentationNet
 
 EPS = 1e-8
 CHUNK_VOXELS = 4096  # per chunk: samples x classes x 4096 float32 logits, ~1.5 MB for 10 x 9
+CUDA_CHUNK_VOXELS = 1 << 20  # a GPU has no such cache to fit; larger chunks mean fewer kernel launches
 
 
 def entropy(probabilities: torch.Tensor, dim: int = 1) -> torch.Tensor:
@@ -176,19 +177,33 @@ class MonteCarloSampler:
             features = self.net.features(window).float().reshape(batch, -1, voxels)
         else:
             trunk_logits = self._trunk_logits(window)
+        with torch.autocast(window.device.type, enabled=False):  # statistics in float32, also on CUDA
+            self._window_statistics(features, trunk_logits, locations, out)
+        return out.reshape(batch, channels.count, *spatial)
+
+    def _window_statistics(
+        self,
+        features: torch.Tensor | None,
+        trunk_logits: torch.Tensor | None,
+        locations: Sequence[Sequence[slice]],
+        out: torch.Tensor,
+    ) -> None:
+        """Fill ``out`` (B, channels, V) chunk by chunk and add the windows' structure statistics."""
         c, f = self.num_classes, len(self.focal_labels)
         focal = list(self.focal_labels)
+        device, voxels = out.device, out.shape[2]
+        step = CUDA_CHUNK_VOXELS if device.type == "cuda" else CHUNK_VOXELS
         for b, location in enumerate(locations):
-            weights = self.weights[tuple(location[2:])].reshape(-1).to(window.device)
-            volumes = torch.zeros((c, self.samples), dtype=torch.float32, device=window.device)
-            overlaps = torch.zeros((c, self.samples, self.samples), dtype=torch.float32, device=window.device)
-            for start in range(0, voxels, CHUNK_VOXELS):
-                chunk = slice(start, min(start + CHUNK_VOXELS, voxels))
-                logits = (
-                    self._head_logits(features[b], chunk)
-                    if features is not None
-                    else trunk_logits[b, :, :, chunk]  # type: ignore[index]
-                )
+            weights = self.weights[tuple(location[2:])].reshape(-1).to(device)
+            volumes = torch.zeros((c, self.samples), dtype=torch.float32, device=device)
+            overlaps = torch.zeros((c, self.samples, self.samples), dtype=torch.float32, device=device)
+            for start in range(0, voxels, step):
+                chunk = slice(start, min(start + step, voxels))
+                if features is not None:
+                    logits = self._head_logits(features[b], chunk)
+                else:
+                    assert trunk_logits is not None
+                    logits = trunk_logits[b, :, :, chunk]
                 stats = chunk_statistics(logits, focal)
                 out[b, :c, chunk] = stats.mean
                 out[b, c : c + f, chunk] = stats.focal_variance
@@ -200,7 +215,6 @@ class MonteCarloSampler:
                     overlaps += torch.bmm(weighted, stats.onehot.transpose(1, 2))
             self.volumes += volumes.T.double().cpu()
             self.overlaps += overlaps.double().cpu()
-        return out.reshape(batch, channels.count, *spatial)
 
     def structure_stats(self) -> SampleStructureStats:
         vol = self.volumes
