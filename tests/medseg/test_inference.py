@@ -16,6 +16,7 @@ from medseg.model import Model, ModelProvenance, load_model, save_model
 from medseg.model_spec import MODELS_DIR, ModelSpecError, Stochastic, load_spec, parse_spec
 from medseg.networks import SegmentationNet, set_dropout_sampling
 from medseg.preprocess import (
+    ModelGrid,
     _orient,
     _resize,
     argmax_to_source,
@@ -152,6 +153,45 @@ def test_grid_round_trip_lands_on_the_same_world_positions(tmp_path: Path) -> No
     centroid = [affine[:3, :3] @ np.argwhere(m == 1).mean(0) + affine[:3, 3] for m in (labels, back)]
     np.testing.assert_allclose(centroid[0], centroid[1], atol=1.0)  # no shift: same world position
     assert map_to_source(on_model[0].float(), grid).shape == labels.shape
+
+
+@pytest.mark.parametrize(
+    "affine",
+    [
+        [[0, 0, -0.9, 120.0], [0, -0.9, 0, 80.0], [-3.0, 0, 0, 50.0], [0, 0, 0, 1.0]],  # axial, head first
+        [[0.8, 0, 0, 10.0], [0, 0, 2.0, 20.0], [0, -0.7, 0, 30.0], [0, 0, 0, 1.0]],  # coronal-like
+        [[0, 0.7, 0, 0], [-0.7, 0, 0, 40.0], [0, 0, 2.5, 0], [0, 0, 0, 1.0]],  # columns along -x
+    ],
+)
+def test_to_model_and_back_follow_world_coordinates(affine: list[list[float]]) -> None:
+    """Resampled before or after reorienting, every model voxel holds the value at its world position.
+
+    The image is one world coordinate (linear, so trilinear interpolation is exact away from the
+    borders): the model image must equal it at ``grid.affine`` positions, and a model-grid map of it
+    must come back onto the source grid as the source's own coordinate; all three axes in turn."""
+    volume, _ = _volume(matrix=48, slices=20)
+    matrix = np.array(affine)
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in volume.array.shape], indexing="ij"), axis=-1)
+    world = (index @ matrix[:3, :3].T + matrix[:3, 3]).astype(np.float32)
+    spec = parse_spec(_small_spec(), "t")
+    for axis in range(3):
+        source = ImageVolume(**{**volume.__dict__, "array": world[..., axis].copy(), "affine": matrix})
+        model_input = to_model(source, spec)
+        grid = model_input.grid
+        model_index = np.stack(np.meshgrid(*[np.arange(n) for n in grid.shape], indexing="ij"), axis=-1)
+        expected = (model_index @ grid.affine[:3, :3].T + grid.affine[:3, 3])[..., axis]
+        inner = tuple(slice(1, n - 1) for n in grid.shape)
+        hu = model_input.image[0].numpy() * 700.0 - 300.0  # undo the CT window [-1000, 400]
+        np.testing.assert_allclose(hu[inner], expected[inner], atol=1e-2)
+        back = map_to_source(torch.from_numpy(expected.astype(np.float32)), grid)
+        shape = volume.array.shape
+        edge = [max(2, int(np.ceil(n / m))) for n, m in zip(shape, _source_shape(grid), strict=True)]
+        source_inner = tuple(slice(e, n - e) for e, n in zip(edge, shape, strict=True))
+        np.testing.assert_allclose(back[source_inner], world[..., axis][source_inner], atol=1e-2)
+
+
+def _source_shape(grid: ModelGrid) -> tuple[int, ...]:
+    return tuple(grid.shape[int(grid.ornt[axis, 0])] for axis in range(3))
 
 
 def test_mc_inference_is_seeded_and_typed(tmp_path: Path) -> None:
