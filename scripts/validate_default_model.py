@@ -80,7 +80,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="default_ct")
-    parser.add_argument("--cases", type=int, default=3, help="clean cases per training site")
+    parser.add_argument("--cases", type=int, default=5, help="clean cases per training site")
     parser.add_argument("--seed", type=int, default=1001, help="dataset seed (not a training seed)")
     parser.add_argument("--slices", type=int, default=None, help="override slice count (quick runs)")
     parser.add_argument("--samples", type=int, default=None)
