@@ -7,8 +7,9 @@ and probabilities stay in the CPU cache instead of streaming ten full-window cop
 voxel the mean class probabilities, the variance of the focal labels' probability, the mutual
 information (the epistemic part, ``H(mean p) - mean H(p)``, computed inside each window so that
 disagreement between overlapping windows is not mistaken for disagreement between samples) and the vote
-of each focal label; MONAI then blends these like probabilities. Nothing per sample outlives its window
-but one int8 label map, so memory does not grow with the number of samples.
+of each focal label; MONAI then blends these like probabilities. Nothing per sample outlives its chunk,
+so memory does not grow with the number of samples (with ``stochastic: all`` the network's own batch of
+samples does).
 
 Per structure it also accumulates each sample's volume and the pairwise overlaps between samples, weighted
 so that overlapping windows count once; from those come the volume spread and the agreement (mean pairwise
