@@ -225,7 +225,7 @@ def infer(
         num_classes=spec.num_classes,
         weights=weights,
         generator=torch.Generator().manual_seed(seed),
-        focal_labels=[label.value for label in spec.labels if label.focal],
+        focal_labels=spec.focal_labels,
     )
     torch.manual_seed(seed)  # dropout inside the trunk (stochastic: all) draws from the global generator
     autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()

@@ -207,6 +207,11 @@ class ModelSpec(_Frozen):
     training: TrainingSpec = TrainingSpec()
     for_clinical_use: bool = False
 
+    @property
+    def focal_labels(self) -> tuple[int, ...]:
+        """Values of the lesion-like labels (reported as findings too, weighted in training)."""
+        return tuple(label.value for label in self.labels if label.focal)
+
     @model_validator(mode="after")
     def _consistent(self) -> ModelSpec:
         values = [label.value for label in self.labels]

@@ -331,8 +331,7 @@ def train(
     )
     total = training.epochs * training.iterations_per_epoch
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
-    focal_labels = [label.value for label in spec.labels if label.focal]
-    loss_fn = make_loss(training, spec.num_classes, focal_labels).to(device)
+    loss_fn = make_loss(training, spec.num_classes, spec.focal_labels).to(device)
     start_epoch, best, history = 0, -1.0, []
     checkpoint_path = output / CHECKPOINT
     if resume and checkpoint_path.exists():
@@ -354,7 +353,7 @@ def train(
         weights_sha256="",
         init_from=str(init) if init else None,
     )
-    batch_iter = batches(train_cases, training, spec.num_classes, seed + start_epoch, focal_labels)
+    batch_iter = batches(train_cases, training, spec.num_classes, seed + start_epoch, spec.focal_labels)
     started = time.perf_counter()
     model: Model | None = None
     for epoch in range(start_epoch, training.epochs):

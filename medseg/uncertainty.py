@@ -79,29 +79,47 @@ class SampleStructureStats:
 
 @dataclass(frozen=True)
 class WindowChannels:
-    """Where each statistic sits in the sampler's output channels (blended by sliding-window inference)."""
+    """Where each statistic sits in the sampler's output channels (blended by sliding-window inference):
+    the one layout the sampler writes and inference reads."""
 
     num_classes: int
     num_focal: int
 
     @property
+    def mean_channels(self) -> slice:
+        return slice(0, self.num_classes)
+
+    @property
+    def variance_channels(self) -> slice:
+        return slice(self.num_classes, self.num_classes + self.num_focal)
+
+    @property
+    def mutual_information_channel(self) -> int:
+        return self.num_classes + self.num_focal
+
+    @property
+    def votes_channels(self) -> slice:
+        start = self.mutual_information_channel + 1
+        return slice(start, start + self.num_focal)
+
+    @property
     def count(self) -> int:
-        return self.num_classes + 2 * self.num_focal + 1
+        return self.votes_channels.stop
 
     def mean(self, out: torch.Tensor) -> torch.Tensor:
         """(C, ...) mean class probabilities of an output with channels first."""
-        return out[: self.num_classes]
+        return out[self.mean_channels]
 
     def focal_variance(self, out: torch.Tensor, i: int) -> torch.Tensor:
         """Variance over samples of the probability of the ``i``-th focal label."""
-        return out[self.num_classes + i]
+        return out[self.variance_channels][i]
 
     def mutual_information(self, out: torch.Tensor) -> torch.Tensor:
-        return out[self.num_classes + self.num_focal]
+        return out[self.mutual_information_channel]
 
     def votes(self, out: torch.Tensor, i: int) -> torch.Tensor:
         """Share of samples whose label is the ``i``-th focal label."""
-        return out[self.num_classes + self.num_focal + 1 + i]
+        return out[self.votes_channels][i]
 
 
 class MonteCarloSampler:
@@ -137,6 +155,12 @@ class MonteCarloSampler:
         self.volumes = torch.zeros(samples, num_classes, dtype=torch.float64)
         self.overlaps = torch.zeros(num_classes, samples, samples, dtype=torch.float64)
         self.head_weights = self._masked_head_weights(generator) if stochastic is Stochastic.HEAD else None
+        # the same weights as one (C * S, F) matrix, classes outermost as ``chunk_statistics`` wants them
+        self._head_matrix = (
+            None
+            if self.head_weights is None
+            else self.head_weights.transpose(0, 1).reshape(num_classes * samples, -1).contiguous()
+        )
 
     def _masked_head_weights(self, generator: torch.Generator) -> torch.Tensor:
         """(samples, C, F) classifier weights with dropped feature channels zeroed (inverted dropout)."""
@@ -153,9 +177,9 @@ class MonteCarloSampler:
 
     def _head_logits(self, features: torch.Tensor, chunk: slice) -> torch.Tensor:
         """(C, S, K) logits of every sample at voxels ``chunk`` of flattened (F, V) features."""
-        assert self.head_weights is not None
-        w = self.head_weights.transpose(0, 1).to(features.device, features.dtype)  # (C, S, F)
-        logits = (w.reshape(-1, w.shape[2]) @ features[:, chunk]).reshape(self.num_classes, self.samples, -1)
+        assert self._head_matrix is not None
+        w = self._head_matrix.to(features.device, features.dtype)
+        logits = (w @ features[:, chunk]).reshape(self.num_classes, self.samples, -1)
         bias = self.net.classifier.bias
         return logits if bias is None else logits + bias.to(logits.dtype)[:, None, None]
 
@@ -190,7 +214,7 @@ class MonteCarloSampler:
         out: torch.Tensor,
     ) -> None:
         """Fill ``out`` (B, channels, V) chunk by chunk and add the windows' structure statistics."""
-        c, f = self.num_classes, len(self.focal_labels)
+        c, channels = self.num_classes, self.channels
         focal = list(self.focal_labels)
         device, voxels = out.device, out.shape[2]
         step = CUDA_CHUNK_VOXELS if device.type == "cuda" else CHUNK_VOXELS
@@ -206,10 +230,10 @@ class MonteCarloSampler:
                     assert trunk_logits is not None
                     logits = trunk_logits[b, :, :, chunk]
                 stats = chunk_statistics(logits, focal)
-                out[b, :c, chunk] = stats.mean
-                out[b, c : c + f, chunk] = stats.focal_variance
-                out[b, c + f, chunk] = stats.mutual_information
-                out[b, c + f + 1 :, chunk] = stats.onehot[focal].mean(dim=1)
+                out[b, channels.mean_channels, chunk] = stats.mean
+                out[b, channels.variance_channels, chunk] = stats.focal_variance
+                out[b, channels.mutual_information_channel, chunk] = stats.mutual_information
+                out[b, channels.votes_channels, chunk] = stats.onehot[focal].mean(dim=1)
                 if self.samples > 1:
                     weighted = stats.onehot * weights[chunk]
                     volumes += weighted.sum(dim=2)
