@@ -152,6 +152,9 @@ def run_pipeline(
     stage: StageCallback | None = None,
 ) -> RunSummary:
     """Analyse every volume in ``source`` that ``model`` handles; write results and ``summary.json``."""
+    n = samples if samples is not None else model.spec.uncertainty.samples
+    if n < 1:  # before anything is read or written, so a bad argument leaves no output folder behind
+        raise ValueError(f"samples must be >= 1, got {n}")
     started = time.perf_counter()
     report = stage or (lambda name, done, total: None)
     report("reading DICOM", 0, 1)
@@ -175,7 +178,6 @@ def run_pipeline(
         raise NothingToAnalyseError(f"{source}: nothing model {model.spec.name} can analyse ({found})")
     out_dir.mkdir(parents=True, exist_ok=True)
     series = []
-    n = samples if samples is not None else model.spec.uncertainty.samples
     for index, source_volume in enumerate(usable):
         volume, repairs = reidentify(source_volume) if assign_missing_uids else (source_volume, ())
         t0 = time.perf_counter()

@@ -72,6 +72,14 @@ def test_nothing_to_analyse_names_what_was_found(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def test_bad_sample_count_leaves_no_output_folder(tmp_path: Path) -> None:
+    model = _tiny_model(tmp_path)
+    series = _series(tmp_path)
+    with pytest.raises(ValueError, match="samples must be >= 1, got 0"):
+        run_pipeline(series, tmp_path / "out", model, samples=0)
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_run_reports_bad_input_without_traceback(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
