@@ -81,13 +81,17 @@ def _variant_naive(series: Path, model_name: str, samples: int, out: Path) -> di
 
     model = load_model(model_name)
     spec = model.spec
-    window = spec.preprocessing.intensity[spec.modalities[0]]
+    windows = spec.preprocessing.intensity[spec.modalities[0]]
     t0 = time.perf_counter()
     image = EnsureChannelFirst()(LoadImage(image_only=True, reader="PydicomReader")(str(series)))
     t1 = time.perf_counter()
     loaded = Orientation(axcodes="LPS")(image)
-    intensity = ScaleIntensityRange(a_min=window.low, a_max=window.high, b_min=-1.0, b_max=1.0, clip=True)
-    scaled = intensity(loaded)
+    scaled = torch.cat(  # one input channel per window of the spec
+        [
+            ScaleIntensityRange(a_min=w.low, a_max=w.high, b_min=-1.0, b_max=1.0, clip=True)(loaded)
+            for w in windows
+        ]
+    )
     resampled = Spacing(pixdim=spec.preprocessing.spacing_mm, mode="bilinear")(scaled)
     if samples > 1:  # the usual way to "turn on dropout" (also puts every norm layer in training mode)
         model.network.train()
@@ -167,6 +171,9 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--samples", type=int, default=10)
     parser.add_argument("--model", default="default_ct")
+    parser.add_argument(
+        "--only", choices=VARIANTS, nargs="+", default=list(VARIANTS), help="run these variants (default all)"
+    )
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--series", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -181,7 +188,7 @@ def main() -> None:
         root = Path(tmp)
         series = _write_series(root, args.slices)
         results = {}
-        for variant in VARIANTS:
+        for variant in args.only:
             out = root / variant
             out.mkdir()
             cmd = [sys.executable, __file__, "--variant", variant, "--series", str(series), "--out", str(out)]
@@ -190,28 +197,35 @@ def main() -> None:
             results[variant] = json.loads((out / "result.json").read_text())
             print(f"{variant:6s} {results[variant]}", flush=True)
 
-        def naive_labels(variant: str) -> np.ndarray:
-            return _to_medseg_order(
-                np.load(root / variant / "labels.npy"),
-                np.load(root / variant / "affine.npy"),
-                np.load(root / "mc" / "affine.npy"),
-            )
+        def labels(variant: str) -> np.ndarray:
+            found = np.load(root / variant / "labels.npy")
+            if not variant.startswith("naive"):
+                return found
+            lps_affine = np.load(root / next(v for v in results if not v.startswith("naive")) / "affine.npy")
+            return _to_medseg_order(found, np.load(root / variant / "affine.npy"), lps_affine)
 
-        ours, naive = np.load(root / "mc" / "labels.npy"), naive_labels("naive")
-        reseeded = np.load(root / "mc_reseeded" / "labels.npy")
-        agreement = _agreement(ours, naive, names) if ours.shape == naive.shape else "grids differ"
-        floor = _agreement(ours, reseeded, names)
-        deterministic = _agreement(np.load(root / "det" / "labels.npy"), naive_labels("naive_det"), names)
-    det, mc, nv = (results[v]["seconds"] for v in ("det", "mc", "naive"))
-    print(f"\nCT {ours.shape[2]}x{ours.shape[1]}x{ours.shape[0]}, {args.samples} samples, model {args.model}")
-    print(f"MC / deterministic inference time:  {mc['inference'] / det['inference']:.2f}  (target <= 3.0)")
-    print(f"naive MONAI / medseg whole stage:    {nv['total'] / mc['total']:.2f}  (target >= 3.0)")
-    print(f"agreement naive vs medseg (Dice, target >= 0.99): {agreement}")
-    print(f"medseg vs medseg, sampling seed + 1 (noise floor): {floor}")
-    print(f"one deterministic pass each, naive vs medseg (grids only): {deterministic}")
-    for v in VARIANTS:
-        peak, total = results[v]["peak_rss_mb"], results[v]["seconds"]["total"]
-        print(f"peak RSS {v:6s} {peak:.0f} MB, total {total:.1f} s")
+        print(f"\nCT 512x512x{args.slices}, {args.samples} samples, model {args.model}")
+        comparisons = [
+            ("agreement naive vs medseg (Dice, target >= 0.99)", "mc", "naive"),
+            ("medseg vs medseg, sampling seed + 1 (noise floor)", "mc", "mc_reseeded"),
+            ("one deterministic pass each, naive vs medseg (grids only)", "det", "naive_det"),
+        ]
+        agreements = {
+            what: _agreement(labels(a), labels(b), names)
+            for what, a, b in comparisons
+            if a in results and b in results
+        }
+    seconds = {v: r["seconds"] for v, r in results.items()}
+    if {"mc", "det"} <= set(seconds):
+        ratio = seconds["mc"]["inference"] / seconds["det"]["inference"]
+        print(f"MC / deterministic inference time:  {ratio:.2f}  (target <= 3.0)")
+    if {"mc", "naive"} <= set(seconds):
+        ratio = seconds["naive"]["total"] / seconds["mc"]["total"]
+        print(f"naive MONAI / medseg whole stage:    {ratio:.2f}  (target >= 3.0)")
+    for what, agreement in agreements.items():
+        print(f"{what}: {agreement}")
+    for v, r in results.items():
+        print(f"peak RSS {v:6s} {r['peak_rss_mb']:.0f} MB, total {r['seconds']['total']:.1f} s")
 
 
 if __name__ == "__main__":

@@ -91,6 +91,7 @@ class DetectionSpec(BaseModel):
     anchor_shapes: tuple[Shape3, ...] = ((4, 4, 4), (6, 6, 6))
     feature_map_scales: tuple[int, ...] = (1, 2, 4)
     spacing_mm: tuple[Positive, Positive, Positive] = (3.0, 3.0, 3.0)
+    input_channels: int = Field(default=1, ge=1)  # the segmentation spec's intensity channels it reads
     # inference: per-sample box selection (MONAI BoxSelector) and sliding windows of patch_size
     score_threshold: Probability = 0.05
     nms_threshold: Probability = 0.2
@@ -175,7 +176,7 @@ class PyramidFeatures(nn.Module):
             layers=list(spec.backbone_blocks),
             block_inplanes=list(spec.backbone_channels),
             spatial_dims=3,
-            n_input_channels=1,
+            n_input_channels=spec.input_channels,
             conv1_t_size=7,
             conv1_t_stride=spec.stem_stride,
             no_max_pool=True,
@@ -347,7 +348,7 @@ def boxes_voxel_to_lps(boxes: npt.ArrayLike, affine: FloatArray) -> tuple[FloatA
 
 @dataclass(frozen=True)
 class DetectionCase:
-    """One training case on the model grid: normalized image (1, X, Y, Z), lesion boxes (N, 6) in voxels."""
+    """One training case on the model grid: normalized image (C, X, Y, Z), lesion boxes (N, 6) in voxels."""
 
     case_id: str
     image: torch.Tensor
@@ -355,9 +356,9 @@ class DetectionCase:
     grid: ModelGrid
 
     def __post_init__(self) -> None:
-        if self.image.ndim != 4 or self.image.shape[0] != 1:
+        if self.image.ndim != 4:
             raise DetectionError(
-                f"case {self.case_id}: image must be (1, X, Y, Z), got {tuple(self.image.shape)}"
+                f"case {self.case_id}: image must be (C, X, Y, Z), got {tuple(self.image.shape)}"
             )
         if self.boxes.ndim != 2 or self.boxes.shape[1] != 6:
             raise DetectionError(f"case {self.case_id}: boxes must be (N, 6), got {tuple(self.boxes.shape)}")
@@ -401,13 +402,16 @@ def _pad_to(image: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     pad = [max(0, int(s) - n) for s, n in zip(shape, image.shape[1:], strict=True)]
     if not any(pad):
         return image
-    return F.pad(image, (0, pad[2], 0, pad[1], 0, pad[0]), value=float(image.min()))
+    pads = (0, pad[2], 0, pad[1], 0, pad[0])
+    return torch.cat(
+        [F.pad(image[c : c + 1], pads, value=float(image[c].min())) for c in range(image.shape[0])]
+    )
 
 
 def _sample_patch(
     case: DetectionCase, spec: DetectionSpec, rng: np.random.Generator, noise: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One augmented patch (1, P, P, P) and its boxes: placed around a lesion or anywhere, flipped, noised."""
+    """One augmented patch (C, P, P, P) and its boxes: placed around a lesion or anywhere, flipped, noised."""
     patch = np.asarray(spec.patch_size)
     image = _pad_to(case.image, spec.patch_size)
     size = np.asarray(image.shape[1:])
@@ -543,6 +547,12 @@ def train_detector(
     """
     if not cases:
         raise DetectionError("no training cases; load some with load_detection_cases(dataset, spec, 'train')")
+    for case in cases:
+        if case.image.shape[0] != spec.input_channels:
+            raise DetectionError(
+                f"case {case.case_id}: {case.image.shape[0]} input channels, the detector spec reads "
+                f"{spec.input_channels} (DetectionSpec.input_channels)"
+            )
     torch.manual_seed(seed)
     detector = build_detector(spec)
     optimizer = torch.optim.AdamW(
@@ -718,9 +728,10 @@ def detect(
     if samples < 1:
         raise DetectionError(f"samples must be >= 1, got {samples}; use 1 for a single deterministic pass")
     image, grid = model_input.image, model_input.grid
-    if image.ndim != 4 or image.shape[0] != 1:
+    if image.ndim != 4 or image.shape[0] != spec.input_channels:
         raise DetectionError(
-            f"model input image must be (1, X, Y, Z), got {tuple(image.shape)}; make it with to_model()"
+            f"model input image must be ({spec.input_channels}, X, Y, Z), got {tuple(image.shape)}; "
+            "make it with to_model() of the spec the detector was trained on"
         )
     spacing = np.asarray(grid.spacing_mm)
     if np.any(np.abs(spacing / np.asarray(spec.spacing_mm) - 1) > 0.1):

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydicom.sr.coding import Code
 
 from dicom_io.volume import Modality
@@ -99,9 +99,32 @@ class Orientation(StrEnum):
 
 
 class PreprocessingSpec(_Frozen):
+    """Grid and intensity transform. Each modality's transform is one or more input channels (e.g. a
+    wide CT window for lung and bone beside a soft-tissue one, as radiologists read CT); a single
+    mapping in YAML is one channel."""
+
     spacing_mm: tuple[Positive, Positive, Positive]
     orientation: Orientation = Orientation.LPS
-    intensity: dict[Modality, IntensitySpec]
+    intensity: dict[Modality, tuple[IntensitySpec, ...]]
+
+    @field_validator("intensity", mode="before")
+    @classmethod
+    def _one_channel_as_list(cls, value: object) -> object:
+        if isinstance(value, dict):
+            return {k: [v] if isinstance(v, dict) else v for k, v in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _same_channels_per_modality(self) -> PreprocessingSpec:
+        counts = {str(m): len(t) for m, t in self.intensity.items()}  # none at all: ModelSpec says so
+        if counts and (min(counts.values()) < 1 or len(set(counts.values())) != 1):
+            raise ValueError(f"every modality needs the same number (>= 1) of input channels, got {counts}")
+        return self
+
+    @property
+    def input_channels(self) -> int:
+        """Network input channels (the same for every modality)."""
+        return len(next(iter(self.intensity.values()), (None,)))
 
 
 class InferenceSpec(_Frozen):

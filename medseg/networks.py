@@ -38,7 +38,11 @@ def _bundle_network(spec: ModelSpec) -> nn.Module:
 def _trunk(spec: ModelSpec) -> nn.Module:
     net = spec.network
     args: dict[str, Any] = dict(net.arguments)
-    common: dict[str, Any] = {"spatial_dims": 3, "in_channels": 1, "out_channels": net.features}
+    common: dict[str, Any] = {
+        "spatial_dims": 3,
+        "in_channels": spec.preprocessing.input_channels,
+        "out_channels": net.features,
+    }
     if net.architecture is Architecture.UNET:
         args.setdefault(
             "dropout", spec.uncertainty.dropout if spec.uncertainty.stochastic is Stochastic.ALL else 0

@@ -1,15 +1,15 @@
 """Bring an ``ImageVolume`` onto a model's grid, and model outputs back onto the source grid.
 
-The model grid covers exactly the source field of view: axes permuted/flipped to the spec's orientation
-(a lossless reindexing, nibabel's ``io_orientation``) then resampled trilinearly so that the spacing is as
-close to the spec's as a whole number of voxels allows. Voxel centres follow the ``align_corners=False``
-convention both ways, so ``to_source(to_model(x))`` lands on the same world positions. Training and
-inference call the same functions: no train/inference skew.
+The model grid is MONAI's (``Orientation`` then ``Spacing``): axes permuted/flipped to the spec's
+orientation (a lossless reindexing, nibabel's ``io_orientation``), the first voxel centre kept, the spacing
+exactly the spec's. Values move between the grids by linear interpolation at each voxel centre's world
+position (``border`` padding), so ``map_to_source(to_model(x))`` lands on the same world positions and a
+model run through the MONAI recipe sees the same voxels. Training and inference call the same functions:
+no train/inference skew.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -34,6 +34,7 @@ class ModelGrid:
     oriented_shape: tuple[int, int, int]
     shape: tuple[int, int, int]
     affine: npt.NDArray[np.float64]  # model index (i, j, k, 1) -> LPS mm
+    index_step: tuple[float, float, float]  # oriented source voxels per model voxel, per model axis
 
     @property
     def spacing_mm(self) -> tuple[float, float, float]:
@@ -48,7 +49,12 @@ class ModelGrid:
 def plan_grid(
     volume_shape: tuple[int, int, int], affine: npt.NDArray[np.float64], spec: ModelSpec
 ) -> ModelGrid:
-    """Decide the model grid for a source grid (pure geometry, no voxels touched)."""
+    """Decide the model grid for a source grid (pure geometry, no voxels touched).
+
+    MONAI ``Spacing``'s grid (``compute_shape_offset``, ``scale_extent=False``): the first voxel centre
+    stays where it is, the spacing is exactly the spec's, and the grid spans the source's voxel centres
+    rounded to a whole number of voxels. Sharing it with the MONAI recipe means sharing its voxels.
+    """
     if spec.preprocessing.orientation is Orientation.LPS:
         ornt = orientations.io_orientation(affine)
     else:
@@ -56,83 +62,109 @@ def plan_grid(
     oriented_affine = affine @ orientations.inv_ornt_aff(ornt, volume_shape)
     oriented_shape = tuple(int(volume_shape[int(np.where(ornt[:, 0] == a)[0][0])]) for a in range(3))
     spacing = np.linalg.norm(oriented_affine[:3, :3], axis=0)
-    target = np.asarray(spec.preprocessing.spacing_mm)
-    shape = tuple(max(1, round(n * s / t)) for n, s, t in zip(oriented_shape, spacing, target, strict=True))
-    scale = np.asarray(oriented_shape, dtype=np.float64) / np.asarray(shape, dtype=np.float64)
-    step = np.diag(np.append(scale, 1.0))
-    step[:3, 3] = 0.5 * scale - 0.5  # align_corners=False: centre of model voxel i is source index (i+.5)s-.5
+    step = np.asarray(spec.preprocessing.spacing_mm, dtype=np.float64) / spacing
+    shape = tuple(max(1, round((n - 1) / d + 1)) for n, d in zip(oriented_shape, step, strict=True))
     return ModelGrid(
         source_shape=(int(volume_shape[0]), int(volume_shape[1]), int(volume_shape[2])),
         ornt=ornt,
         oriented_shape=(oriented_shape[0], oriented_shape[1], oriented_shape[2]),
         shape=(shape[0], shape[1], shape[2]),
-        affine=oriented_affine @ step,
+        affine=oriented_affine @ np.diag(np.append(step, 1.0)),
+        index_step=(float(step[0]), float(step[1]), float(step[2])),
     )
 
 
-def _orient(array: npt.NDArray[np.generic], ornt: npt.NDArray[np.float64]) -> npt.NDArray[np.generic]:
-    return np.ascontiguousarray(orientations.apply_orientation(array, ornt))
-
-
-def _source_order_shape(grid: ModelGrid) -> tuple[int, int, int]:
-    """The model grid's shape with its axes in source (slice, row, column) order."""
-    a, b, c = (grid.shape[int(grid.ornt[axis, 0])] for axis in range(3))
-    return (a, b, c)
-
-
-def _orient_tensor(tensor: torch.Tensor, ornt: npt.NDArray[np.float64]) -> torch.Tensor:
-    """``_orient`` on the last three axes of a tensor (source order in, model order out), as a view."""
+def _model_axis_order(tensor: torch.Tensor, ornt: npt.NDArray[np.float64]) -> torch.Tensor:
+    """The last three axes permuted from source to model order (a view; flips are the sampler's)."""
     lead = tensor.ndim - 3
-    flips = [lead + a for a in range(3) if ornt[a, 1] < 0]
-    flipped = tensor.flip(flips) if flips else tensor
     order = [lead + int(np.where(ornt[:, 0] == m)[0][0]) for m in range(3)]
-    return flipped.permute(*range(lead), *order)
+    return tensor.permute(*range(lead), *order)
 
 
-def _unorient_tensor(tensor: torch.Tensor, grid: ModelGrid) -> torch.Tensor:
-    """Undo ``_orient_tensor``: model axes (last three) back to source order and direction."""
+def _source_axis_order(tensor: torch.Tensor, ornt: npt.NDArray[np.float64]) -> torch.Tensor:
+    """The last three axes permuted from model to source order (a view)."""
     lead = tensor.ndim - 3
-    permuted = tensor.permute(*range(lead), *(lead + int(grid.ornt[a, 0]) for a in range(3)))
-    flips = [lead + a for a in range(3) if grid.ornt[a, 1] < 0]
-    return permuted.flip(flips) if flips else permuted
+    return tensor.permute(*range(lead), *(lead + int(ornt[a, 0]) for a in range(3)))
 
 
-def _resize(tensor: torch.Tensor, shape: tuple[int, int, int], *, labels: bool = False) -> torch.Tensor:
-    """Resample a (C, X, Y, Z) tensor; trilinear for intensities, nearest-exact for label values."""
-    if tuple(tensor.shape[1:]) == shape:
-        return tensor
-    mode = "nearest-exact" if labels else "trilinear"
-    kwargs = {} if labels else {"align_corners": False}
-    return F.interpolate(tensor[None], size=shape, mode=mode, **kwargs)[0]
+def _sample_axis(tensor: torch.Tensor, axis: int, coords: torch.Tensor, *, nearest: bool) -> torch.Tensor:
+    """Values of ``tensor`` at fractional indices ``coords`` along one axis: linear (or nearest), with
+    positions past either end taken from the end voxel (MONAI's ``border`` padding)."""
+    n = tensor.shape[axis]
+    clamped = coords.clamp(0, n - 1)
+    if nearest:
+        return tensor.index_select(axis, clamped.round().long())
+    low = clamped.floor().long().clamp(max=max(n - 2, 0))
+    high = (low + 1).clamp(max=n - 1)
+    weight = (clamped - low).to(tensor.dtype).view([-1 if a == axis else 1 for a in range(tensor.ndim)])
+    return tensor.index_select(axis, low).lerp_(tensor.index_select(axis, high), weight)
 
 
-def normalize(array: FloatArray, modality: Modality, spec: ModelSpec) -> FloatArray:
-    """The spec's intensity transform for this modality (physical units in, network units out)."""
+def _sample_axes(
+    tensor: torch.Tensor, coords: Sequence[torch.Tensor], *, nearest: bool = False
+) -> torch.Tensor:
+    """``_sample_axis`` on each of the last three axes: the grids here are axis-aligned, so trilinear
+    interpolation is three 1-D ones. Axes that shrink go first, outermost first; axes that grow go
+    last, innermost first, so the largest pass copies whole planes."""
+    lead = tensor.ndim - 3
+    ratios = [len(c) / tensor.shape[lead + a] for a, c in enumerate(coords)]
+    shrinking = [a for a in range(3) if ratios[a] <= 1]
+    growing = [a for a in reversed(range(3)) if ratios[a] > 1]
+    for axis in shrinking + growing:
+        tensor = _sample_axis(tensor, lead + axis, coords[axis], nearest=nearest)
+    return tensor
+
+
+def _model_positions(grid: ModelGrid) -> list[torch.Tensor]:
+    """For each source axis, the source index of each model voxel along it (in model direction)."""
+    positions = []
+    for axis in range(3):
+        model_axis, flip = int(grid.ornt[axis, 0]), grid.ornt[axis, 1] < 0
+        oriented = torch.arange(grid.shape[model_axis], dtype=torch.float64) * grid.index_step[model_axis]
+        positions.append(grid.source_shape[axis] - 1 - oriented if flip else oriented)
+    return positions
+
+
+def _source_positions(grid: ModelGrid) -> list[torch.Tensor]:
+    """For each source axis, the model index of each source voxel along it."""
+    positions = []
+    for axis in range(3):
+        model_axis, flip = int(grid.ornt[axis, 0]), grid.ornt[axis, 1] < 0
+        index = torch.arange(grid.source_shape[axis], dtype=torch.float64)
+        oriented = grid.source_shape[axis] - 1 - index if flip else index
+        positions.append(oriented / grid.index_step[model_axis])
+    return positions
+
+
+def _normalize_channel(array: FloatArray, intensity: IntensitySpec) -> FloatArray:
+    if intensity.kind is IntensityKind.WINDOW:
+        assert intensity.low is not None and intensity.high is not None
+        centre = (intensity.low + intensity.high) / 2
+        half = (intensity.high - intensity.low) / 2
+        return ((np.clip(array, intensity.low, intensity.high) - centre) / half).astype(np.float32)
+    if intensity.kind is IntensityKind.PERCENTILE:
+        assert intensity.low is not None and intensity.high is not None
+        lo, hi = np.percentile(array, [intensity.low, intensity.high])
+        return ((np.clip(array, lo, hi) - lo) / max(float(hi - lo), 1e-6)).astype(np.float32)
+    body = array[array > np.percentile(array, 1)]
+    mean, std = (float(body.mean()), float(body.std())) if body.size else (0.0, 1.0)
+    return ((array - mean) / max(std, 1e-6)).astype(np.float32)
+
+
+def intensity_channels(modality: Modality, spec: ModelSpec) -> tuple[IntensitySpec, ...]:
+    """The spec's input channels for this modality, or an error naming the model and the modality."""
     try:
-        intensity: IntensitySpec = spec.preprocessing.intensity[modality]
+        return spec.preprocessing.intensity[modality]
     except KeyError:
         raise ModelSpecError(
             f"model {spec.name} has no intensity transform for modality {modality} "
             f"(it handles {', '.join(spec.preprocessing.intensity)}); choose a model made for {modality}"
         ) from None
-    out = np.asarray(array, dtype=np.float32)
-    if intensity.kind is IntensityKind.WINDOW:
-        assert intensity.low is not None and intensity.high is not None
-        centre = (intensity.low + intensity.high) / 2
-        half = (intensity.high - intensity.low) / 2
-        return ((np.clip(out, intensity.low, intensity.high) - centre) / half).astype(np.float32)
-    if intensity.kind is IntensityKind.PERCENTILE:
-        assert intensity.low is not None and intensity.high is not None
-        lo, hi = np.percentile(out, [intensity.low, intensity.high])
-        return ((np.clip(out, lo, hi) - lo) / max(float(hi - lo), 1e-6)).astype(np.float32)
-    body = out[out > np.percentile(out, 1)]
-    mean, std = (float(body.mean()), float(body.std())) if body.size else (0.0, 1.0)
-    return ((out - mean) / max(std, 1e-6)).astype(np.float32)
 
 
 @dataclass(frozen=True)
 class ModelInput:
-    """A normalized volume on the model grid, shape (1, X, Y, Z), with the grid it lives on."""
+    """A normalized volume on the model grid, shape (C, X, Y, Z) (C input channels), with its grid."""
 
     image: torch.Tensor
     grid: ModelGrid
@@ -146,13 +178,16 @@ def to_model(volume: ImageVolume, spec: ModelSpec) -> ModelInput:
             f"{spec.name} (it handles {', '.join(spec.modalities)})"
         )
     grid = plan_grid(volume.array.shape, volume.affine, spec)
-    # Resampling before reorienting gives the same grid (both are per-axis and flip-symmetric with
-    # align_corners=False) and reorients the small array instead of the source-sized one.
-    with warnings.catch_warnings():  # the read-only source array is only read
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        source = torch.from_numpy(volume.array)[None]
-    resampled = _orient_tensor(_resize(source, _source_order_shape(grid)), grid.ornt).contiguous()
-    image = torch.from_numpy(normalize(resampled.numpy(), volume.modality, spec))
+    # Normalized on the source grid (a window clips before interpolating, as MONAI's ScaleIntensityRange
+    # before Spacing does), one channel at a time; sampled in source axis order (flips folded into the
+    # positions) and then permuted, so the source-sized array is never transposed.
+    source = np.asarray(volume.array, dtype=np.float32)
+    positions = _model_positions(grid)
+    channels = [
+        _sample_axes(torch.from_numpy(_normalize_channel(source, intensity))[None], positions)
+        for intensity in intensity_channels(volume.modality, spec)
+    ]
+    image = _model_axis_order(torch.cat(channels), grid.ornt).contiguous()
     return ModelInput(image=image, grid=grid)
 
 
@@ -182,8 +217,8 @@ def align_to_volume(
 def pad_to_roi(image: torch.Tensor, roi: Sequence[int]) -> tuple[torch.Tensor, list[slice]]:
     """Pad (B, C, X, Y, Z) symmetrically to at least ``roi`` so window coordinates are unpadded ones.
 
-    The padding value is the image's minimum (air, after a CT window): padding with 0 would put a slab of
-    -300 HU "tissue" around a short scan, and the network then calls the enclosed air lung.
+    Each channel is padded with its own minimum (air, after a CT window): padding with 0 would put a
+    slab of -300 HU "tissue" around a short scan, and the network then calls the enclosed air lung.
     """
     pads: list[int] = []
     crop: list[slice] = []
@@ -193,22 +228,28 @@ def pad_to_roi(image: torch.Tensor, roi: Sequence[int]) -> tuple[torch.Tensor, l
     for size, r in zip(image.shape[2:], roi, strict=True):
         diff = max(r - size, 0)
         crop.append(slice(diff // 2, diff // 2 + size))
-    return (F.pad(image, pads, value=float(image.min())) if any(pads) else image), crop
+    if not any(pads):
+        return image, crop
+    channels = [
+        F.pad(image[:, c : c + 1], pads, value=float(image[:, c].min())) for c in range(image.shape[1])
+    ]
+    return torch.cat(channels, dim=1), crop
 
 
 def labels_to_model(labels: npt.NDArray[np.integer], grid: ModelGrid) -> torch.Tensor:
     """A label map on the source grid moved onto the model grid (nearest), shape (1, X, Y, Z), int64."""
-    oriented = _orient(labels.astype(np.int16), grid.ornt)
-    resampled = _resize(torch.from_numpy(oriented)[None].float(), grid.shape, labels=True)
-    return resampled.round().long()
+    sampled = _sample_axes(
+        torch.from_numpy(labels.astype(np.int64))[None], _model_positions(grid), nearest=True
+    )
+    return _model_axis_order(sampled, grid.ornt).contiguous()
 
 
 def map_to_source(tensor: torch.Tensor, grid: ModelGrid) -> FloatArray:
     """One (X, Y, Z) float map on the model grid back onto the source grid (trilinear), float32 numpy.
 
-    Reoriented on the model grid first (small), then resampled straight onto the source grid."""
-    source_order = _unorient_tensor(tensor.float(), grid).contiguous()
-    return _resize(source_order[None], grid.source_shape)[0].numpy()
+    Permuted to source axis order on the model grid (small), then sampled straight onto the source grid."""
+    source_order = _source_axis_order(tensor.float()[None], grid.ornt).contiguous()
+    return _sample_axes(source_order, _source_positions(grid))[0].numpy()
 
 
 def argmax_to_source(probabilities: torch.Tensor, grid: ModelGrid) -> npt.NDArray[np.uint8]:
@@ -217,11 +258,12 @@ def argmax_to_source(probabilities: torch.Tensor, grid: ModelGrid) -> npt.NDArra
     Each class channel is interpolated onto the source grid in turn and a running maximum kept, so
     memory is three source-sized arrays however many classes there are (not C of them).
     """
-    source_order = _unorient_tensor(probabilities.float(), grid)
+    source_order = _source_axis_order(probabilities.float(), grid.ornt)
+    positions = _source_positions(grid)
     best = torch.full(grid.source_shape, -1.0)
     label = torch.zeros(grid.source_shape, dtype=torch.uint8)
     for c in range(probabilities.shape[0]):
-        channel = _resize(source_order[c : c + 1].contiguous(), grid.source_shape)[0]
+        channel = _sample_axes(source_order[c : c + 1].contiguous(), positions)[0]
         better = channel > best
         torch.maximum(best, channel, out=best)
         label.masked_fill_(better, c)

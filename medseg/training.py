@@ -114,10 +114,10 @@ class RandShortScand(Randomizable, MapTransform):
         if self._slab is None:
             return out
         start, stop = self._slab
-        air = image.min()
+        air = image.amin(dim=tuple(range(1, image.ndim)), keepdim=True)  # each input channel's own
         image, label = image.clone(), label.clone()
-        image[..., :start] = air
-        image[..., stop:] = air
+        image[..., :start] = air.expand(*image.shape[:-1], start)
+        image[..., stop:] = air.expand(*image.shape[:-1], image.shape[-1] - stop)
         label[..., :start] = 0
         label[..., stop:] = 0
         out[self.image_key], out[self.label_key] = image, label
@@ -262,6 +262,42 @@ def evaluate(
     )
 
 
+def initial_weights(network: SegmentationNet, spec: ModelSpec, init: Model) -> dict[str, torch.Tensor]:
+    """``init``'s weights for ``network``, widened when ``spec`` adds input channels after ``init``'s own.
+
+    A model that reads one CT window can start a model that reads that window plus others: the input
+    layer's weights for the new channels start at zero, so training starts from exactly ``init``'s
+    predictions and the new channels only count once they help.
+    """
+    old = init.spec.preprocessing.intensity
+    new = spec.preprocessing.intensity
+    old_n, new_n = init.spec.preprocessing.input_channels, spec.preprocessing.input_channels
+    source = init.network.state_dict()
+    if old_n == new_n:
+        return source
+    if new_n < old_n or any(new.get(m, ())[:old_n] != channels for m, channels in old.items()):
+        raise ValueError(
+            f"--init {init.spec.name}: it reads input channels {_channel_names(old)}, the spec reads "
+            f"{_channel_names(new)}; a model can only start one that keeps its channels first"
+        )
+    target = network.state_dict()
+    widened = {}
+    for key, value in source.items():
+        wanted = target[key].shape
+        if value.shape != wanted and value.ndim > 1 and value.shape[1] == old_n and wanted[1] == new_n:
+            value = torch.cat([value, value.new_zeros(value.shape[0], new_n - old_n, *value.shape[2:])], 1)
+        widened[key] = value
+    return widened
+
+
+def _channel_names(intensity: dict[Any, tuple[Any, ...]]) -> str:
+    return "; ".join(
+        f"{m}: "
+        + ", ".join(f"{c.kind} {c.low:g}..{c.high:g}" if c.low is not None else str(c.kind) for c in t)
+        for m, t in intensity.items()
+    )
+
+
 def freeze_encoder(network: SegmentationNet) -> int:
     """Freeze every trunk parameter whose module sits on the contracting path; returns how many were frozen.
 
@@ -320,7 +356,7 @@ def train(
 
     network = SegmentationNet(spec)
     if init is not None:
-        network.load_state_dict(load_model(init).network.state_dict())
+        network.load_state_dict(initial_weights(network, spec, load_model(init)))
     if freeze:
         log.info("froze %d encoder parameter tensors", freeze_encoder(network))
     network.to(device)

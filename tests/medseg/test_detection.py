@@ -32,20 +32,23 @@ from medseg.model_spec import MODELS_DIR, ModelSpec, parse_spec
 from medseg.preprocess import ModelInput, plan_grid, to_model
 from medseg.synth import load_site, synthesize_case
 
+
+def _model_spec_12mm() -> ModelSpec:
+    data = yaml.safe_load((MODELS_DIR / "default_ct.yaml").read_text())
+    data["preprocessing"]["spacing_mm"] = [12.0, 12.0, 12.0]
+    return parse_spec(data, "test")
+
+
 # A tiny network on a coarse 12 mm grid so that everything runs in seconds.
+CHANNELS = _model_spec_12mm().preprocessing.input_channels  # the detector reads what to_model makes
 TINY: dict[str, Any] = {
     "backbone_channels": (4, 8, 8, 8),
     "fpn_channels": 8,
     "patch_size": (24, 24, 24),
     "spacing_mm": (12.0, 12.0, 12.0),
     "samples": 3,
+    "input_channels": CHANNELS,
 }
-
-
-def _model_spec_12mm() -> ModelSpec:
-    data = yaml.safe_load((MODELS_DIR / "default_ct.yaml").read_text())
-    data["preprocessing"]["spacing_mm"] = [12.0, 12.0, 12.0]
-    return parse_spec(data, "test")
 
 
 def _model_input() -> ModelInput:
@@ -147,7 +150,7 @@ def test_detect_on_a_tiny_volume_is_typed_and_seeded() -> None:
 
 def test_train_step_save_and_load_round_trip(tmp_path: Path) -> None:
     spec = DetectionSpec(**TINY, epochs=1, iterations_per_epoch=2, batch_size=1)
-    image = torch.zeros(1, 40, 40, 36)
+    image = torch.zeros(CHANNELS, 40, 40, 36)
     image[:, 10:14, 10:14, 10:14] = 1.0
     grid = plan_grid((40, 40, 36), np.diag([12.0, 12.0, 12.0, 1.0]), _model_spec_12mm())
     case = DetectionCase("c1", image, torch.tensor([[9.5, 9.5, 9.5, 13.5, 13.5, 13.5]]), grid)
@@ -215,7 +218,7 @@ def test_detector_folder_errors(tmp_path: Path) -> None:
         load_detector(tmp_path / "missing")
     spec = DetectionSpec(**TINY, epochs=1, iterations_per_epoch=1, batch_size=1)
     grid = plan_grid((32, 32, 32), np.diag([12.0, 12.0, 12.0, 1.0]), _model_spec_12mm())
-    case = DetectionCase("c", torch.zeros(1, 32, 32, 32), torch.zeros(0, 6), grid)
+    case = DetectionCase("c", torch.zeros(CHANNELS, 32, 32, 32), torch.zeros(0, 6), grid)
     save_detector(tmp_path / "det", train_detector([case], spec, seed=0))
     weights = tmp_path / "det" / "detector.pt"
     weights.write_bytes(weights.read_bytes() + b"x")

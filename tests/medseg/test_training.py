@@ -11,11 +11,19 @@ import yaml
 
 from medseg.cli import main
 from medseg.evaluation import dice_per_class
-from medseg.model import load_model
+from medseg.model import ModelProvenance, load_model, save_model
 from medseg.model_spec import MODELS_DIR, parse_spec
 from medseg.networks import SegmentationNet
 from medseg.synth import generate_dataset, load_site
-from medseg.training import RandShortScand, crop_ratios, freeze_encoder, make_loss, train, train_step
+from medseg.training import (
+    RandShortScand,
+    crop_ratios,
+    freeze_encoder,
+    initial_weights,
+    make_loss,
+    train,
+    train_step,
+)
 from tests.medseg.tiny_model import tiny_spec_data
 
 
@@ -140,3 +148,30 @@ def test_focal_labels_get_their_crop_share_and_loss_weight() -> None:
     labels = torch.zeros(1, 1, 8, 8, 8, dtype=torch.long)
     labels[..., :2, :2, :2] = 8
     assert float(loss(logits, labels)) > float(make_loss(plain, 9, [8])(logits, labels))
+
+
+def test_init_from_a_model_with_fewer_input_channels_starts_from_its_predictions(tmp_path: Path) -> None:
+    """A one-window model starts a two-window one: zero weights for the new channel, same logits."""
+    data = tiny_spec_data()
+    data["network"]["arguments"]["num_res_units"] = 1  # a residual convolution reads the input too
+    wide = {"kind": "window", "low": -1000, "high": 400}
+    data["preprocessing"]["intensity"] = {"CT": wide}
+    one = parse_spec(data, "one")
+    torch.manual_seed(0)
+    provenance = ModelProvenance(source="test", training_data="none", seed=0, command="", weights_sha256="")
+    init = save_model(tmp_path / "one", one, SegmentationNet(one), provenance)
+    soft = {"kind": "window", "low": -160, "high": 240}
+    two = parse_spec(
+        {**data, "preprocessing": {**data["preprocessing"], "intensity": {"CT": [wide, soft]}}}, "two"
+    )
+    network = SegmentationNet(two)
+    network.load_state_dict(initial_weights(network, two, init))
+    network.eval()
+    x = torch.randn(1, 2, 32, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(network(x), init.network.eval()(x[:, :1]))
+    swapped = parse_spec(
+        {**data, "preprocessing": {**data["preprocessing"], "intensity": {"CT": [soft, wide]}}}, "s"
+    )
+    with pytest.raises(ValueError, match="keeps its channels first"):
+        initial_weights(SegmentationNet(swapped), swapped, init)
