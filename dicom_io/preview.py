@@ -2,9 +2,9 @@
 
 Not a DICOM object and not for diagnosis: a picture for logs, tickets and dashboards. ``render_preview``
 is pure compute (arrays in, RGB array out); ``write_png`` is the only part that touches a file.
-Top row: the key slices (those with the most foreground) in the source window with each segment in its
-display colour; bottom row: the same slices with the uncertainty map as a heat map (black-red-yellow-white,
-0 to the map's maximum).
+Top row: the key slices (each structure's largest cross-section, smallest first) in the source window
+with each segment in its display colour; bottom row: the same slices with the uncertainty map as a heat
+map (black-red-yellow-white, 0 to the map's maximum).
 """
 
 from __future__ import annotations
@@ -21,13 +21,28 @@ _HEAT = np.array([[0, 0, 0], [180, 20, 20], [255, 140, 0], [255, 240, 60], [255,
 
 
 def key_slices(label_map: npt.NDArray[np.integer], count: int = 4) -> list[int]:
-    """The ``count`` slices with the most labelled voxels, in slice order (evenly spaced when empty)."""
-    per_slice = np.count_nonzero(label_map.reshape(label_map.shape[0], -1), axis=1)
+    """``count`` slices, in slice order, that between them show every structure they can.
+
+    Each structure's largest cross-section is a candidate, smallest structures first (a lesion's slice
+    before the lungs'), so a small finding is in the picture instead of four slices of the fullest
+    region; slots left over go to the slices with the most labelled voxels (evenly spaced when empty).
+    """
+    flat = label_map.reshape(label_map.shape[0], -1)
+    per_slice = np.count_nonzero(flat, axis=1)
     n = min(count, label_map.shape[0])
     if not per_slice.any():
         return sorted({round(float(x)) for x in np.linspace(0, label_map.shape[0] - 1, n)})
-    order = np.argsort(-per_slice, kind="stable")[:n]
-    return sorted(int(k) for k in order if per_slice[k] > 0) or [int(order[0])]
+    values = [int(v) for v in np.unique(flat) if v > 0]
+    area = {v: np.count_nonzero(flat == v, axis=1) for v in values}
+    chosen: list[int] = []
+    for v in sorted(values, key=lambda v: (int(area[v].sum()), v)):
+        k = int(np.argmax(area[v]))
+        if len(chosen) < n and k not in chosen:
+            chosen.append(k)
+    for k in np.argsort(-per_slice, kind="stable"):
+        if len(chosen) < n and per_slice[k] > 0 and int(k) not in chosen:
+            chosen.append(int(k))
+    return sorted(chosen)
 
 
 def _grey(result: AnalysisResult, k: int) -> npt.NDArray[np.float64]:

@@ -14,12 +14,13 @@ from tests.dicom_io import result_factory as rf
 synthetic, synthetic_result = rf.synthetic, rf.synthetic_result  # fixtures
 
 
-def test_key_slices_are_the_fullest_in_order() -> None:
-    labels = np.zeros((6, 4, 4), dtype=np.uint8)
-    labels[1, :2] = 1
-    labels[4] = 2
-    labels[2, 0, 0] = 1
-    assert key_slices(labels, 2) == [1, 4]
+def test_key_slices_show_every_structure_smallest_first() -> None:
+    labels = np.zeros((8, 4, 4), dtype=np.uint8)
+    labels[1:6] = 6  # a large structure fills slices 1-5
+    labels[6, 0, 0] = 8  # a one-voxel lesion on a slice of its own
+    labels[2, :2] = 1  # a mid-sized structure, fullest on slice 2
+    assert key_slices(labels, 2) == [2, 6]  # the lesion and the mid-sized one, not two lung slices
+    assert key_slices(labels, 4) == [1, 2, 3, 6]  # + the large one's first fullest slice, then the fullest
     assert key_slices(np.zeros((9, 2, 2), np.uint8), 3) == [0, 4, 8]  # nothing found: spread out
 
 
