@@ -35,6 +35,16 @@ class TruthLesion(Protocol):
     def max_corner_lps(self) -> tuple[float, float, float]: ...
     @property
     def diameter_mm(self) -> float: ...
+    @property
+    def organ(self) -> object: ...  # synth ``Label`` or its name
+    @property
+    def kind(self) -> str: ...
+
+
+def lesion_kind(lesion: TruthLesion) -> str:
+    """'liver hypodense', 'lung hyperdense': what a lesion is, for reporting sensitivity by kind."""
+    organ = getattr(lesion.organ, "name", lesion.organ)
+    return f"{str(organ).lower()} {lesion.kind}"
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,7 @@ class ScanFindings:
     finding_centres: FloatArray  # (F, 3)
     truth_boxes: FloatArray  # (L, 6)
     truth_diameters: FloatArray  # (L,)
+    truth_kinds: tuple[str, ...] = ()  # (L,) ``lesion_kind`` of each
 
     @classmethod
     def of(
@@ -63,6 +74,7 @@ class ScanFindings:
                 [[*les.min_corner_lps, *les.max_corner_lps] for les in lesions], dtype=float
             ).reshape(-1, 6),
             truth_diameters=np.array([les.diameter_mm for les in lesions], dtype=float),
+            truth_kinds=tuple(lesion_kind(les) for les in lesions),
         )
 
     def hits(self) -> npt.NDArray[np.bool_]:
@@ -125,6 +137,23 @@ def sensitivity_at(points: Sequence[FrocPoint], fp_per_scan: float) -> FrocPoint
     """The FROC point with the best sensitivity at no more than ``fp_per_scan`` false positives per scan."""
     allowed = (p for p in points if p.fp_per_scan <= fp_per_scan)
     return max(allowed, key=lambda p: (p.sensitivity, p.threshold))
+
+
+def found_by_kind(
+    scans: Sequence[ScanFindings], min_diameter_mm: float, threshold: float
+) -> dict[str, tuple[int, int]]:
+    """Per lesion kind, (found, counted) lesions of at least ``min_diameter_mm`` when findings scoring
+    at least ``threshold`` are kept (e.g. the threshold of the 1 FP/scan point): where the misses are."""
+    counts: dict[str, list[int]] = {}
+    for scan in scans:
+        kept = scan.scores >= threshold
+        found = np.asarray(scan.hits()[kept].any(axis=0), dtype=bool).reshape(len(scan.truth_diameters))
+        for lesion, kind in enumerate(scan.truth_kinds):
+            if scan.truth_diameters[lesion] >= min_diameter_mm:
+                entry = counts.setdefault(kind, [0, 0])
+                entry[0] += int(found[lesion])
+                entry[1] += 1
+    return {kind: (found, total) for kind, (found, total) in sorted(counts.items())}
 
 
 def wilson_interval(successes: int, trials: int) -> tuple[float, float]:

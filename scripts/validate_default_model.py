@@ -29,6 +29,7 @@ from medseg.evaluation import (
     CaseEvaluation,
     bootstrap_interval,
     evaluate_prediction,
+    found_by_kind,
     froc,
     sensitivity_at,
     wilson_interval,
@@ -204,6 +205,14 @@ def _markdown(name: str, device_uid: str, evaluations: list[CaseEvaluation], arg
             + " | ".join(f"{p.sensitivity:.2f} ({p.found}/{total})" for p in at)
             + f" | {low:.2f}-{high:.2f} |"
         )
+    operating = sensitivity_at(froc(scans, 10.0)[0], 1.0).threshold
+    kinds = found_by_kind(scans, 10.0, operating)
+    lines += [
+        "",
+        f"By kind, lesions >= 10 mm at the 1 FP/scan threshold (score >= {operating:.2f}): "
+        + ", ".join(f"{kind} {found}/{total}" for kind, (found, total) in kinds.items())
+        + ".",
+    ]
     lines += [
         "",
         "## Uncertainty under shift",

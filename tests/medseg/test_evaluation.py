@@ -7,7 +7,14 @@ import math
 import pytest
 
 from dicom_io.ai_result import LesionFinding
-from medseg.evaluation import ScanFindings, bootstrap_interval, froc, sensitivity_at, wilson_interval
+from medseg.evaluation import (
+    ScanFindings,
+    bootstrap_interval,
+    found_by_kind,
+    froc,
+    sensitivity_at,
+    wilson_interval,
+)
 from medseg.synth.dataset import LesionBox
 
 
@@ -55,6 +62,9 @@ def test_froc_counts_hits_false_positives_and_ignores_small_lesions() -> None:
     scan_b = ScanFindings.of("b", [_finding((-50, 0, 0), 0.95)], [_lesion(1, (0, 0, 0), 12.0)])
     points, total = froc([scan_a, scan_b], 10.0)
     assert total == 2
+    assert found_by_kind([scan_a, scan_b], 10.0, threshold=0.9) == {"liver hypodense": (1, 2)}
+    assert found_by_kind([scan_a, scan_b], 0.0, threshold=0.7) == {"liver hypodense": (2, 3)}
+    assert found_by_kind([scan_a, scan_b], 0.0, threshold=math.inf) == {"liver hypodense": (0, 3)}
     # thresholds: 0.95 -> 1 FP in 2 scans; 0.9 -> +hit; 0.8 duplicate; 0.6 -> 2nd FP (0.7 ignored)
     assert [(p.fp_per_scan, p.found) for p in points] == [(0, 0), (0.5, 0), (0.5, 1), (0.5, 1), (1.0, 1)]
     best = sensitivity_at(points, 1.0)
