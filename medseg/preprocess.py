@@ -137,6 +137,7 @@ def _source_positions(grid: ModelGrid) -> list[torch.Tensor]:
 
 
 def _normalize_channel(array: FloatArray, intensity: IntensitySpec) -> FloatArray:
+    """One input channel from physical units (HU, or MR stored values)."""
     if intensity.kind is IntensityKind.WINDOW:
         assert intensity.low is not None and intensity.high is not None
         centre = (intensity.low + intensity.high) / 2
