@@ -66,8 +66,15 @@ def import_bundle(bundle: Path, spec_path: Path, output: Path) -> Model:
         raise ModelSpecError(
             f"bundle {bundle}: {weights_path.name} does not fit its network_def: {err}"
         ) from err
-    with torch.no_grad():
-        probe = network.eval()(torch.zeros(1, 1, *spec.inference.roi_size))
+    channels = spec.preprocessing.input_channels
+    try:
+        with torch.no_grad():
+            probe = network.eval()(torch.zeros(1, channels, *spec.inference.roi_size))
+    except RuntimeError as err:
+        raise ModelSpecError(
+            f"bundle {bundle}: the network does not take the {channels} input channel(s) spec {spec_path} "
+            f"gives it (preprocessing.intensity): {err}"
+        ) from err
     if probe.shape[1] != spec.num_classes:
         raise ModelSpecError(
             f"bundle {bundle}: the network outputs {probe.shape[1]} channels but spec {spec_path} declares "

@@ -50,6 +50,7 @@ def _spec(root: Path) -> Path:
     for i, label in enumerate(data["labels"], start=1):
         label["value"] = i
     data["network"] = {"architecture": "bundle"}
+    data["preprocessing"]["intensity"] = {"CT": {"kind": "window", "low": -1000, "high": 400}}  # 1 channel
     data["inference"]["roi_size"] = [32, 32, 32]
     data["preprocessing"]["spacing_mm"] = [6.0, 6.0, 6.0]
     data["uncertainty"]["stochastic"] = "all"
@@ -90,6 +91,13 @@ def test_bundle_with_wrong_channel_count_is_refused(tmp_path: Path) -> None:
     bundle = _bundle(tmp_path, out_channels=5)
     with pytest.raises(ModelSpecError, match="outputs 5 channels but spec"):
         import_bundle(bundle, _spec(tmp_path), tmp_path / "model")
+    spec = _spec(tmp_path)
+    data = yaml.safe_load(spec.read_text())
+    window = data["preprocessing"]["intensity"]["CT"]
+    data["preprocessing"]["intensity"]["CT"] = [window, {**window, "low": -160, "high": 240}]
+    spec.write_text(yaml.safe_dump(data))
+    with pytest.raises(ModelSpecError, match="does not take the 2 input channel"):
+        import_bundle(_bundle(tmp_path / "one_channel"), spec, tmp_path / "model2")
 
 
 def test_bundle_needs_whole_network_sampling(tmp_path: Path) -> None:

@@ -194,7 +194,7 @@ def test_detect_refuses_bad_inputs() -> None:
     with pytest.raises(DetectionError, match=r"spacing .* differs from the detector's"):
         detect(detector, model_input, DetectionSpec(**{**TINY, "spacing_mm": (3.0, 3.0, 3.0)}), 1, 0)
     flat = ModelInput(image=model_input.image[0], grid=model_input.grid)
-    with pytest.raises(DetectionError, match=r"must be \(1, X, Y, Z\)"):
+    with pytest.raises(DetectionError, match=rf"must be \({CHANNELS}, X, Y, Z\)"):
         detect(detector, flat, spec, samples=1, seed=0)
 
 

@@ -79,7 +79,7 @@ def test_default_spec_is_valid_and_coded() -> None:
         (lambda d: d["preprocessing"]["intensity"].pop("CT"), "no transform for modalities"),
         (lambda d: d["inference"].update(roi_size=[90, 96, 96]), "multiple of 16"),
         (lambda d: d["labels"][0]["type"].update(value=""), r"labels\.0\.type\.value"),
-        (lambda d: d["preprocessing"]["intensity"]["CT"].update(low=2000), "low < high"),
+        (lambda d: d["preprocessing"]["intensity"]["CT"][0].update(low=2000), "low < high"),
     ],
 )
 def test_bad_spec_names_the_field(change, message: str) -> None:
@@ -263,7 +263,7 @@ def test_head_sampling_equals_explicit_dropout_masks(tmp_path: Path) -> None:
         weights=torch.ones(32, 32, 32),
         generator=torch.Generator().manual_seed(1),
     )
-    x = torch.randn(1, 1, 32, 32, 32)
+    x = torch.randn(1, model.spec.preprocessing.input_channels, 32, 32, 32)
     with torch.no_grad():
         features = net.features(x)
         fast = sampler._head_logits(features[0].reshape(features.shape[1], -1), slice(None))
@@ -290,7 +290,7 @@ def test_sampler_window_statistics_equal_the_samples_written_out(tmp_path: Path)
         generator=torch.Generator().manual_seed(3),
         focal_labels=[8],
     )
-    x = torch.randn(1, 1, 32, 32, 32)
+    x = torch.randn(1, model.spec.preprocessing.input_channels, 32, 32, 32)
     location = [slice(None), slice(None), slice(0, 32), slice(0, 32), slice(0, 32)]
     with torch.no_grad():
         out = sampler(x, [location])[0]

@@ -64,8 +64,8 @@ def test_train_step_lowers_the_loss_on_one_batch() -> None:
     spec = parse_spec(yaml.safe_load((MODELS_DIR / "default_ct.yaml").read_text()), "default")
     torch.manual_seed(0)
     net = SegmentationNet(spec)
-    images = torch.randn(1, 1, 32, 32, 32)
-    labels = (images > 0.5).long()
+    images = torch.randn(1, spec.preprocessing.input_channels, 32, 32, 32)
+    labels = (images[:, :1] > 0.5).long()
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
     loss_fn = make_loss(spec.training, spec.num_classes)
     losses = [train_step(net, (images, labels), optimizer, loss_fn, torch.device("cpu")) for _ in range(8)]
