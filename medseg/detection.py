@@ -41,7 +41,6 @@ from typing import Annotated
 import numpy as np
 import numpy.typing as npt
 import torch
-import torch.nn.functional as F
 from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
 from monai.apps.detection.networks.retinanet_network import RetinaNet
 from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorShape
@@ -54,7 +53,7 @@ from torch import nn
 from dicom_io.ai_result import LesionFinding
 from dicom_io.reader import read_volume
 from medseg.model_spec import ModelSpec, PreprocessingSpec
-from medseg.preprocess import ModelGrid, ModelInput, to_model
+from medseg.preprocess import ModelGrid, ModelInput, pad_with_air, to_model
 from medseg.synth.dataset import Split, SynthDataset, load_lesions
 
 log = logging.getLogger(__name__)
@@ -398,14 +397,11 @@ def load_detection_cases(
 
 
 def _pad_to(image: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """Pad (C, X, Y, Z) at the far end up to at least ``shape`` with the image minimum (air, not water)."""
+    """Pad (C, X, Y, Z) at the far end up to at least ``shape`` with air (each channel's minimum)."""
     pad = [max(0, int(s) - n) for s, n in zip(shape, image.shape[1:], strict=True)]
     if not any(pad):
         return image
-    pads = (0, pad[2], 0, pad[1], 0, pad[0])
-    return torch.cat(
-        [F.pad(image[c : c + 1], pads, value=float(image[c].min())) for c in range(image.shape[0])]
-    )
+    return pad_with_air(image, (0, pad[2], 0, pad[1], 0, pad[0]))
 
 
 def _sample_patch(

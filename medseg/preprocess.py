@@ -229,12 +229,13 @@ def pad_to_roi(image: torch.Tensor, roi: Sequence[int]) -> tuple[torch.Tensor, l
     for size, r in zip(image.shape[2:], roi, strict=True):
         diff = max(r - size, 0)
         crop.append(slice(diff // 2, diff // 2 + size))
-    if not any(pads):
-        return image, crop
-    channels = [
-        F.pad(image[:, c : c + 1], pads, value=float(image[:, c].min())) for c in range(image.shape[1])
-    ]
-    return torch.cat(channels, dim=1), crop
+    return (pad_with_air(image, pads) if any(pads) else image), crop
+
+
+def pad_with_air(image: torch.Tensor, pads: Sequence[int]) -> torch.Tensor:
+    """``F.pad`` of (..., C, X, Y, Z) with each channel's own minimum (air, in every window)."""
+    air = image.amin(dim=(-3, -2, -1), keepdim=True)
+    return F.pad(image - air, list(pads)) + air
 
 
 def labels_to_model(labels: npt.NDArray[np.integer], grid: ModelGrid) -> torch.Tensor:

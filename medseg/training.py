@@ -116,8 +116,8 @@ class RandShortScand(Randomizable, MapTransform):
         start, stop = self._slab
         air = image.amin(dim=tuple(range(1, image.ndim)), keepdim=True)  # each input channel's own
         image, label = image.clone(), label.clone()
-        image[..., :start] = air.expand(*image.shape[:-1], start)
-        image[..., stop:] = air.expand(*image.shape[:-1], image.shape[-1] - stop)
+        image[..., :start] = air
+        image[..., stop:] = air
         label[..., :start] = 0
         label[..., stop:] = 0
         out[self.image_key], out[self.label_key] = image, label
