@@ -9,13 +9,23 @@ import numpy as np
 import pydicom
 import pytest
 
+from dicom_io import gate
 from dicom_io.ai_result import AnalysisResult
-from dicom_io.gate import GateError, GateReport, GateTools, check_seg, onto_grid
+from dicom_io.gate import (
+    GateError,
+    GateReport,
+    GateTools,
+    check_seg,
+    check_sr,
+    onto_grid,
+    sr_validation_parts,
+)
 from dicom_io.parametric_map import build_parametric_map
 from dicom_io.result_writer import PM_FILE, SEG_FILE, SR_FILE, write_results
 from dicom_io.seg import SegProfile, build_seg
 from dicom_io.sr import build_sr
 from dicom_io.volume import ImageVolume
+from medseg.model_spec import ReviewSpec
 from tests.dicom_io import result_factory as rf
 
 synthetic, synthetic_result = rf.synthetic, rf.synthetic_result  # fixtures
@@ -124,6 +134,83 @@ def test_gate_failure_leaves_no_output(synthetic_result: AnalysisResult, tmp_pat
     (rejected,) = out.iterdir()
     assert rejected.name.startswith("REJECTED-")
     assert {p.name for p in rejected.iterdir()} == {SEG_FILE, PM_FILE, SR_FILE, "preview.png"}
+
+
+# ---------------------------------------------------------------- large reports: pixelmed in parts
+
+MOST_LESIONS = ReviewSpec.model_fields["max_lesion_findings"].default  # what a model reports at most
+
+
+def _with_many_lesions(result: AnalysisResult, n: int) -> AnalysisResult:
+    """``result`` with ``n`` lesions spread over its slices, rows and columns."""
+    k, r, c = result.source.shape
+    lesions = [
+        rf.lesion_at(result.source, i + 1, (i % k, 4 + (5 * i) % (r - 8), 4 + (7 * i) % (c - 8)), 5.0)
+        for i in range(n)
+    ]
+    return dataclasses.replace(result, lesions=tuple(lesions))
+
+
+def _groups(sr: pydicom.Dataset) -> list[pydicom.Dataset]:
+    (container,) = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"]
+    return list(container.ContentSequence)
+
+
+def _numeric(items: list[pydicom.Dataset]) -> int:
+    return sum((i.ValueType == "NUM") + _numeric(list(i.get("ContentSequence", []))) for i in items)
+
+
+def test_sr_validation_parts_share_the_groups_and_keep_the_rest(synthetic_result: AnalysisResult) -> None:
+    result = _with_many_lesions(synthetic_result, MOST_LESIONS)
+    sr = build_sr(result, build_seg(result))
+    parts = sr_validation_parts(sr, 40)
+    assert len(parts) > 2
+    uids = [[item.UID for item in g.ContentSequence if item.ValueType == "UIDREF"] for g in _groups(sr)]
+    assert [
+        u
+        for part in parts
+        for u in [[i.UID for i in g.ContentSequence if i.ValueType == "UIDREF"] for g in _groups(part)]
+    ] == uids  # every group once, in order
+    rest = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue != "126010"]
+    for part in parts:
+        assert [i for i in part.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue != "126010"] == rest
+        groups = _groups(part)
+        assert len(groups) >= 2  # pixelmed misses errors in a lone group
+        assert len(groups) == 2 or _numeric(groups[:-1]) <= 40
+    assert sr_validation_parts(sr, 10**6) == [sr]
+    assert len(_groups(sr)) == 2 * 2 + MOST_LESIONS  # both present structures: volumetric and outline
+
+
+@pytest.mark.slow
+def test_report_with_the_most_lesions_passes_the_whole_gate(
+    synthetic_result: AnalysisResult, tmp_path: Path
+) -> None:
+    """A model's longest report (its ``max_lesion_findings``) once ran pixelmed out of Java heap."""
+    written = write_results(_with_many_lesions(synthetic_result, MOST_LESIONS), tmp_path)
+    assert written.gate.ok, _summary(written.gate)
+    check = next(c for c in written.gate.checks if c.check == "pixelmed DicomSRValidator")
+    assert "parts of at most" in check.detail
+
+
+@pytest.mark.slow
+def test_an_error_in_any_part_fails_the_gate(
+    synthetic_result: AnalysisResult, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gate, "PIXELMED_MEASUREMENTS_PER_RUN", 20)
+    result = _with_many_lesions(synthetic_result, 3)
+    seg = build_seg(result)
+    sr_path, seg_path = tmp_path / "sr.dcm", tmp_path / "seg.dcm"
+    build_sr(result, seg).save_as(sr_path, enforce_file_format=True)
+    sr = pydicom.dcmread(sr_path)
+    last = _groups(sr)[-1]  # a measurement of the last lesion loses its value
+    del next(item for item in last.ContentSequence if item.ValueType == "NUM").MeasuredValueSequence
+    sr.save_as(sr_path, enforce_file_format=True)
+    seg.save_as(seg_path, enforce_file_format=True)
+    n = len(sr_validation_parts(sr, 20))
+    assert n > 1
+    check = next(c for c in check_sr(result, sr_path, seg_path) if c.check == "pixelmed DicomSRValidator")
+    assert not check.passed
+    assert f"part {n} of {n}" in check.detail and "Template 300 Measurement" in check.detail
 
 
 # ---------------------------------------------------------------- real data, whole gate
