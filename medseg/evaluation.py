@@ -139,6 +139,11 @@ def sensitivity_at(points: Sequence[FrocPoint], fp_per_scan: float) -> FrocPoint
     return max(allowed, key=lambda p: (p.sensitivity, p.threshold))
 
 
+def at_threshold(points: Sequence[FrocPoint], threshold: float) -> FrocPoint:
+    """The FROC point of keeping findings scoring at least ``threshold`` (one chosen on other scans)."""
+    return min((p for p in points if p.threshold >= threshold), key=lambda p: p.threshold)
+
+
 def found_by_kind(
     scans: Sequence[ScanFindings], min_diameter_mm: float, threshold: float
 ) -> dict[str, tuple[int, int]]:

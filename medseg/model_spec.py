@@ -201,6 +201,12 @@ class TrainingSpec(_Frozen):
     foreground_ratio: Probability = 0.9  # share of patches centred on a structure (split equally among them)
     noise_std: float = Field(default=0.03, ge=0)  # in normalized units
     intensity_drift: float = Field(default=0.05, ge=0)  # shift and scale, normalized units
+    # CT scanners differ in physical units: noise (low-dose protocols reach 45 HU), calibration offset and
+    # gain. Drawn in HU and applied to every window channel alike (the same noise field), so the narrow
+    # soft-tissue window sees the noise a scanner gives it and not a fraction of it (0: off).
+    ct_noise_hu: float = Field(default=0.0, ge=0)  # noise sigma drawn uniformly up to this
+    ct_offset_hu: float = Field(default=0.0, ge=0)  # offset drawn uniformly in +-this
+    ct_gain: float = Field(default=0.0, ge=0, lt=1)  # gain drawn uniformly in 1 +- this
     # share of patches cut to a short scan along z (air above and below, as inference pads a short series)
     short_scan_probability: Probability = 0.0
     short_scan_min_fraction: float = Field(default=0.15, gt=0, le=1)  # shortest kept slab / patch depth

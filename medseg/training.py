@@ -37,9 +37,10 @@ from monai.transforms import (
 from torch import nn
 
 from dicom_io.reader import read_volume
+from dicom_io.volume import Modality
 from medseg.evaluation import dice_per_class
 from medseg.model import Model, ModelProvenance, load_model, save_model
-from medseg.model_spec import ModelSpec, TrainingSpec
+from medseg.model_spec import IntensityKind, ModelSpec, TrainingSpec
 from medseg.networks import SegmentationNet
 from medseg.preprocess import align_to_volume, labels_to_model, to_model
 from medseg.synth.dataset import Split, SynthDataset, load_dataset, load_label_map
@@ -124,6 +125,71 @@ class RandShortScand(Randomizable, MapTransform):
         return out
 
 
+class RandScannerHUd(Randomizable, MapTransform):
+    """Scanner noise, calibration offset and gain in HU, applied through each CT window channel.
+
+    A window channel ``x = 2 (HU - low) / (high - low) - 1`` is taken back to HU, changed to
+    ``gain * HU + offset + noise`` and windowed again. Voxels a window clipped are left clipped (their HU
+    is not known there: air in the soft-tissue window stays air). Noise added after normalization would
+    reach the narrow window scaled down by the ratio of the window widths (3.5x for 1400 vs 400 HU).
+    """
+
+    def __init__(
+        self,
+        key: str,
+        windows: Sequence[tuple[float, float]],
+        *,
+        prob: float,
+        noise_hu: float,
+        offset_hu: float,
+        gain: float,
+    ) -> None:
+        MapTransform.__init__(self, (key,))
+        self.key, self.windows, self.prob = key, tuple(windows), prob
+        self.noise_hu, self.offset_hu, self.gain = noise_hu, offset_hu, gain
+        self._change: tuple[float, float, float, int] | None = None
+
+    def randomize(self, data: Any = None) -> None:
+        self._change = None
+        if self.R.random_sample() >= self.prob:
+            return
+        self._change = (
+            float(self.R.uniform(0.0, self.noise_hu)),
+            float(self.R.uniform(-self.offset_hu, self.offset_hu)),
+            float(self.R.uniform(1.0 - self.gain, 1.0 + self.gain)),
+            int(self.R.randint(0, 2**31 - 1)),
+        )
+
+    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+        out = dict(data)
+        image = torch.as_tensor(out[self.key])
+        if image.shape[0] != len(self.windows):
+            raise ValueError(f"{image.shape[0]} input channels but {len(self.windows)} CT windows")
+        self.randomize()
+        if self._change is None:
+            return out
+        sigma, offset, gain, seed = self._change
+        noise = sigma * torch.randn(image.shape[1:], generator=torch.Generator().manual_seed(seed))
+        channels = []
+        for x, (low, high) in zip(image, self.windows, strict=True):
+            width = high - low
+            hu = low + (x + 1.0) * width / 2.0
+            changed = (2.0 * (gain * hu + offset + noise - low) / width - 1.0).clamp(-1.0, 1.0)
+            channels.append(torch.where(x.abs() < 1.0, changed.to(x.dtype), x))
+        out[self.key] = torch.stack(channels)
+        return out
+
+
+def ct_windows(spec: ModelSpec) -> tuple[tuple[float, float], ...] | None:
+    """(low, high) HU of each CT input channel when every one is a window, else None."""
+    transforms = spec.preprocessing.intensity.get(Modality.CT, ())
+    if not transforms or any(t.kind is not IntensityKind.WINDOW for t in transforms):
+        return None
+    return tuple(
+        (float(t.low), float(t.high)) for t in transforms if t.low is not None and t.high is not None
+    )
+
+
 def crop_ratios(training: TrainingSpec, num_classes: int, focal_labels: Sequence[int]) -> list[float]:
     """How often a patch is centred on each class (background first), for ``RandCropByLabelClassesd``.
 
@@ -143,9 +209,29 @@ def crop_ratios(training: TrainingSpec, num_classes: int, focal_labels: Sequence
 
 
 def augmentation(
-    training: TrainingSpec, num_classes: int, seed: int, focal_labels: Sequence[int] = ()
+    training: TrainingSpec,
+    num_classes: int,
+    seed: int,
+    focal_labels: Sequence[int] = (),
+    ct_windows: Sequence[tuple[float, float]] | None = None,
 ) -> Compose:
     """Class-balanced random patch (``crop_ratios``) + geometry jitter + scanner-like intensity changes."""
+    scanner: list[Any] = []
+    if training.ct_noise_hu or training.ct_offset_hu or training.ct_gain:
+        if ct_windows is None:
+            raise ValueError(
+                "ct_noise_hu, ct_offset_hu and ct_gain need a model whose CT channels are windows"
+            )
+        scanner = [
+            RandScannerHUd(
+                "image",
+                ct_windows,
+                prob=0.5,
+                noise_hu=training.ct_noise_hu,
+                offset_hu=training.ct_offset_hu,
+                gain=training.ct_gain,
+            )
+        ]
     transform = Compose(
         [
             SpatialPadd(
@@ -168,6 +254,7 @@ def augmentation(
                 mode=("bilinear", "nearest"),
                 padding_mode="border",
             ),
+            *scanner,
             RandGaussianNoised(keys="image", prob=0.5, std=training.noise_std),
             RandShiftIntensityd(keys="image", prob=0.5, offsets=training.intensity_drift),
             RandScaleIntensityd(keys="image", prob=0.5, factors=training.intensity_drift),
@@ -189,10 +276,11 @@ def batches(
     num_classes: int,
     seed: int,
     focal_labels: Sequence[int] = (),
+    ct_windows: Sequence[tuple[float, float]] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless (image, label) batches of random patches from random cases."""
     rng = random.Random(seed)
-    transform = augmentation(training, num_classes, seed, focal_labels)
+    transform = augmentation(training, num_classes, seed, focal_labels, ct_windows)
     while True:
         images, labels = [], []
         for _ in range(training.batch_size):
@@ -389,7 +477,9 @@ def train(
         weights_sha256="",
         init_from=str(init) if init else None,
     )
-    batch_iter = batches(train_cases, training, spec.num_classes, seed + start_epoch, spec.focal_labels)
+    batch_iter = batches(
+        train_cases, training, spec.num_classes, seed + start_epoch, spec.focal_labels, ct_windows(spec)
+    )
     started = time.perf_counter()
     model: Model | None = None
     for epoch in range(start_epoch, training.epochs):

@@ -27,6 +27,7 @@ from dicom_io.image_writer import deterministic_uid
 from dicom_io.volume import GeometryReport, ImageVolume, IntensityUnit, Modality, SeriesContext
 from medseg.evaluation import (
     CaseEvaluation,
+    at_threshold,
     bootstrap_interval,
     evaluate_prediction,
     found_by_kind,
@@ -189,19 +190,24 @@ def _markdown(name: str, device_uid: str, evaluations: list[CaseEvaluation], arg
         "IoU >= 0.1; the score is the finding's peak mean lesion probability. Sensitivity at each "
         "false-positive rate is the best over score thresholds (FROC); CI: Wilson 95 %.",
         "",
-        "| lesions | count | "
+        "| scans | lesions | count | "
         + " | ".join(f"sens @ {r:g} FP/scan" for r in FP_RATES)
         + " | 95 % CI @ 1 FP |",
-        "|---|---|" + "---|" * (len(FP_RATES) + 1),
+        "|---|---|---|" + "---|" * (len(FP_RATES) + 1),
     ]
     scans = [e.lesions for e in clean]
-    for title, minimum in ((">= 10 mm", 10.0), ("all", 0.0)):
-        points, total = froc(scans, minimum)
+    unseen = [e.lesions for e in evaluations if e.condition == "unseen site"]
+    for group, group_scans, title, minimum in (
+        ("clean", scans, ">= 10 mm", 10.0),
+        ("clean", scans, "all", 0.0),
+        (UNSEEN_SITE, unseen, ">= 10 mm", 10.0),
+    ):
+        points, total = froc(group_scans, minimum)
         at = [sensitivity_at(points, r) for r in FP_RATES]
         one = sensitivity_at(points, 1.0)
         low, high = wilson_interval(one.found, total)
         lines.append(
-            f"| {title} | {total} | "
+            f"| {group} | {title} | {total} | "
             + " | ".join(f"{p.sensitivity:.2f} ({p.found}/{total})" for p in at)
             + f" | {low:.2f}-{high:.2f} |"
         )
@@ -213,6 +219,15 @@ def _markdown(name: str, device_uid: str, evaluations: list[CaseEvaluation], arg
         + ", ".join(f"{kind} {found}/{total}" for kind, (found, total) in kinds.items())
         + ".",
     ]
+    if unseen:
+        points, total = froc(unseen, 10.0)
+        kept = at_threshold(points, operating)
+        lines += [
+            "",
+            f"On the held-out {UNSEEN_SITE} at that same threshold (a site's radiologists get the "
+            f"threshold chosen on the training sites): {kept.found}/{total} lesions >= 10 mm found, "
+            f"{kept.fp_per_scan:.1f} false positives per scan.",
+        ]
     lines += [
         "",
         "## Uncertainty under shift",

@@ -9,6 +9,7 @@ import pytest
 from dicom_io.ai_result import LesionFinding
 from medseg.evaluation import (
     ScanFindings,
+    at_threshold,
     bootstrap_interval,
     found_by_kind,
     froc,
@@ -70,6 +71,10 @@ def test_froc_counts_hits_false_positives_and_ignores_small_lesions() -> None:
     best = sensitivity_at(points, 1.0)
     assert best.sensitivity == 0.5 and best.threshold == pytest.approx(0.9)
     assert sensitivity_at(points, 0.25).sensitivity == 0.0
+    # a threshold chosen elsewhere keeps the findings scoring at least it
+    assert at_threshold(points, 0.85).threshold == pytest.approx(0.9)
+    assert (at_threshold(points, 0.7).fp_per_scan, at_threshold(points, 0.7).found) == (0.5, 1)
+    assert (at_threshold(points, 0.5).fp_per_scan, at_threshold(points, 2.0).found) == (1.0, 0)
     points_all, total_all = froc([scan_a, scan_b], 0.0)
     assert total_all == 3 and sensitivity_at(points_all, 1.0).found == 2
 

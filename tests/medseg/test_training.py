@@ -16,6 +16,7 @@ from medseg.model_spec import MODELS_DIR, parse_spec
 from medseg.networks import SegmentationNet
 from medseg.synth import generate_dataset, load_site
 from medseg.training import (
+    RandScannerHUd,
     RandShortScand,
     crop_ratios,
     freeze_encoder,
@@ -175,3 +176,33 @@ def test_init_from_a_model_with_fewer_input_channels_starts_from_its_predictions
     )
     with pytest.raises(ValueError, match="keeps its channels first"):
         initial_weights(SegmentationNet(swapped), swapped, init)
+
+
+def test_scanner_hu_changes_reach_every_ct_window_alike() -> None:
+    """Offset, gain and one noise field in HU, seen through both windows; clipped voxels stay clipped."""
+    windows = ((-1000.0, 400.0), (-160.0, 240.0))
+    hu = torch.linspace(-1100.0, 500.0, 4096).reshape(1, 16, 16, 16)
+    image = torch.cat([(2 * (hu - lo) / (hi - lo) - 1).clamp(-1, 1) for lo, hi in windows])
+
+    def window_hu(x: torch.Tensor, c: int) -> torch.Tensor:
+        lo, hi = windows[c]
+        return lo + (x + 1) * (hi - lo) / 2
+
+    shift = RandScannerHUd("image", windows, prob=1.0, noise_hu=0.0, offset_hu=30.0, gain=0.0)
+    shift.set_random_state(seed=3)
+    out = shift({"image": image})["image"]
+    inside = (image.abs() < 1) & (out.abs() < 1)
+    offsets = [window_hu(out[c], c) - window_hu(image[c], c) for c in range(2)]
+    first = offsets[0][inside[0]][0]
+    assert 0 < abs(float(first)) <= 30
+    for c in range(2):
+        assert torch.allclose(offsets[c][inside[c]], first, atol=1e-2)
+    assert torch.equal(out[image.abs() >= 1], image[image.abs() >= 1])  # clipped: HU unknown, kept
+
+    noisy = RandScannerHUd("image", windows, prob=1.0, noise_hu=40.0, offset_hu=0.0, gain=0.0)
+    noisy.set_random_state(seed=4)
+    out = noisy({"image": image})["image"]
+    both = (image.abs() < 1).all(dim=0) & (out.abs() < 1).all(dim=0)
+    noise = [(window_hu(out[c], c) - window_hu(image[c], c))[both] for c in range(2)]
+    assert torch.allclose(noise[0], noise[1], atol=1e-2)  # the same noise field in HU through both
+    assert 5 < float(noise[0].std()) < 40
