@@ -509,9 +509,13 @@ def _pixelmed_once(java: Path, jar: Path, path: Path) -> _PixelmedRun:
     return _PixelmedRun(f"exit {proc.returncode}: {shown}", warnings, "OutOfMemoryError" in output)
 
 
-def _pixelmed_part(java: Path, jar: Path, part: pydicom.Dataset, path: Path, written: bool) -> _PixelmedRun:
-    """Validate one part (saved to ``path`` unless ``written``); out of heap, validate its halves instead."""
-    if not written:
+def _pixelmed_part(
+    java: Path, jar: Path, part: pydicom.Dataset, written: Path | None, scratch: Path, name: str
+) -> _PixelmedRun:
+    """Validate one part (the file ``written``, or saved as ``name`` in ``scratch``); when pixelmed runs
+    out of heap on it, validate each half of its groups instead (saved in ``scratch`` too)."""
+    path = written or scratch / f"{name}.dcm"
+    if written is None:
         part.save_as(path, enforce_file_format=True)
     run = _pixelmed_once(java, jar, path)
     found = _measurement_groups(part)
@@ -519,10 +523,10 @@ def _pixelmed_part(java: Path, jar: Path, part: pydicom.Dataset, path: Path, wri
         return run
     groups, half = found[1], len(found[1]) // 2
     log.info(
-        "gate: pixelmed ran out of heap on %s; validating its %d groups in two halves", path, len(groups)
+        "gate: pixelmed ran out of heap on %s; validating its %d groups in two halves", name, len(groups)
     )
     halves = [
-        _pixelmed_part(java, jar, _with_groups(part, share), path.with_name(f"{path.stem}-{n}.dcm"), False)
+        _pixelmed_part(java, jar, _with_groups(part, share), None, scratch, f"{name}-{n}")
         for n, share in enumerate((groups[:half], groups[half:]))
     ]
     failed = next((r for r in halves if r.failure), None)
@@ -532,19 +536,18 @@ def _pixelmed_part(java: Path, jar: Path, part: pydicom.Dataset, path: Path, wri
 def _sr_pixelmed(tools: GateTools, path: Path) -> GateCheck:
     java = _tool(tools.java, "java")
     jar = _tool(tools.pixelmed_jar, "pixelmed")
-    sr = pydicom.dcmread(path)
-    parts = sr_validation_parts(sr, PIXELMED_MEASUREMENTS_PER_RUN)
+    parts = sr_validation_parts(pydicom.dcmread(path), PIXELMED_MEASUREMENTS_PER_RUN)
     with (
         tempfile.TemporaryDirectory(prefix="gate-sr-parts-") as tmp,
         ThreadPoolExecutor(PIXELMED_PARALLEL_RUNS) as pool,
     ):
-
-        def validate(n: int) -> _PixelmedRun:  # a single part is the written file itself
-            single = len(parts) == 1
-            where = path if single else Path(tmp) / f"part{n + 1}.dcm"
-            return _pixelmed_part(java, jar, parts[n], where, written=single)
-
-        runs = list(pool.map(validate, range(len(parts))))
+        written = path if len(parts) == 1 else None  # a single part is the written file itself
+        runs = list(
+            pool.map(
+                lambda n: _pixelmed_part(java, jar, parts[n], written, Path(tmp), f"part{n + 1}"),
+                range(len(parts)),
+            )
+        )
     for n, run in enumerate(runs, start=1):
         if run.failure:
             where = f"part {n} of {len(runs)}, " if len(runs) > 1 else ""

@@ -213,6 +213,26 @@ def test_an_error_in_any_part_fails_the_gate(
     assert f"part {n} of {n}" in check.detail and "Template 300 Measurement" in check.detail
 
 
+@pytest.mark.slow
+def test_out_of_heap_halves_the_part_and_still_fails_honestly(
+    synthetic_result: AnalysisResult,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(gate, "PIXELMED_HEAP", "-Xmx24m")  # far below what any report needs (fails in 3 s)
+    result = _with_many_lesions(synthetic_result, 4)
+    seg = build_seg(result)
+    sr_path, seg_path = tmp_path / "sr.dcm", tmp_path / "seg.dcm"
+    build_sr(result, seg).save_as(sr_path, enforce_file_format=True)
+    seg.save_as(seg_path, enforce_file_format=True)
+    with caplog.at_level("INFO", logger="dicom_io.gate"):
+        check = next(c for c in check_sr(result, sr_path, seg_path) if c.check == "pixelmed DicomSRValidator")
+    assert not check.passed and "OutOfMemoryError" in check.detail
+    assert "validating its 8 groups in two halves" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["seg.dcm", "sr.dcm"]  # halves went to scratch
+
+
 # ---------------------------------------------------------------- real data, whole gate
 
 
