@@ -213,19 +213,22 @@ def augmentation(
     num_classes: int,
     seed: int,
     focal_labels: Sequence[int] = (),
-    ct_windows: Sequence[tuple[float, float]] | None = None,
+    windows: Sequence[tuple[float, float]] | None = None,
 ) -> Compose:
-    """Class-balanced random patch (``crop_ratios``) + geometry jitter + scanner-like intensity changes."""
+    """Class-balanced random patch (``crop_ratios``) + geometry jitter + scanner-like intensity changes.
+
+    ``windows``: the (low, high) HU of each CT input channel (``ct_windows``), which the HU scanner
+    changes need; they apply to every case, so they are for models trained on CT only."""
     scanner: list[Any] = []
     if training.ct_noise_hu or training.ct_offset_hu or training.ct_gain:
-        if ct_windows is None:
+        if windows is None:
             raise ValueError(
                 "ct_noise_hu, ct_offset_hu and ct_gain need a model whose CT channels are windows"
             )
         scanner = [
             RandScannerHUd(
                 "image",
-                ct_windows,
+                windows,
                 prob=0.5,
                 noise_hu=training.ct_noise_hu,
                 offset_hu=training.ct_offset_hu,
@@ -276,11 +279,11 @@ def batches(
     num_classes: int,
     seed: int,
     focal_labels: Sequence[int] = (),
-    ct_windows: Sequence[tuple[float, float]] | None = None,
+    windows: Sequence[tuple[float, float]] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless (image, label) batches of random patches from random cases."""
     rng = random.Random(seed)
-    transform = augmentation(training, num_classes, seed, focal_labels, ct_windows)
+    transform = augmentation(training, num_classes, seed, focal_labels, windows)
     while True:
         images, labels = [], []
         for _ in range(training.batch_size):
