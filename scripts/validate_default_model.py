@@ -197,12 +197,15 @@ def _markdown(name: str, device_uid: str, evaluations: list[CaseEvaluation], arg
     ]
     scans = [e.lesions for e in clean]
     unseen = [e.lesions for e in evaluations if e.condition == "unseen site"]
-    for group, group_scans, title, minimum in (
-        ("clean", scans, ">= 10 mm", 10.0),
-        ("clean", scans, "all", 0.0),
-        (UNSEEN_SITE, unseen, ">= 10 mm", 10.0),
-    ):
-        points, total = froc(group_scans, minimum)
+    curves = {
+        (group, title): froc(group_scans, minimum)
+        for group, group_scans, title, minimum in (
+            ("clean", scans, ">= 10 mm", 10.0),
+            ("clean", scans, "all", 0.0),
+            (UNSEEN_SITE, unseen, ">= 10 mm", 10.0),
+        )
+    }
+    for (group, title), (points, total) in curves.items():
         at = [sensitivity_at(points, r) for r in FP_RATES]
         one = sensitivity_at(points, 1.0)
         low, high = wilson_interval(one.found, total)
@@ -211,7 +214,7 @@ def _markdown(name: str, device_uid: str, evaluations: list[CaseEvaluation], arg
             + " | ".join(f"{p.sensitivity:.2f} ({p.found}/{total})" for p in at)
             + f" | {low:.2f}-{high:.2f} |"
         )
-    operating = sensitivity_at(froc(scans, 10.0)[0], 1.0).threshold
+    operating = sensitivity_at(curves["clean", ">= 10 mm"][0], 1.0).threshold
     kinds = found_by_kind(scans, 10.0, operating)
     lines += [
         "",
@@ -220,7 +223,7 @@ def _markdown(name: str, device_uid: str, evaluations: list[CaseEvaluation], arg
         + ".",
     ]
     if unseen:
-        points, total = froc(unseen, 10.0)
+        points, total = curves[UNSEEN_SITE, ">= 10 mm"]
         kept = at_threshold(points, operating)
         lines += [
             "",
