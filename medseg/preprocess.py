@@ -4,8 +4,10 @@ The model grid is MONAI's (``Orientation`` then ``Spacing``): axes permuted/flip
 orientation (a lossless reindexing, nibabel's ``io_orientation``), the first voxel centre kept, the spacing
 exactly the spec's. Values move between the grids by linear interpolation at each voxel centre's world
 position (``border`` padding), so ``map_to_source(to_model(x))`` lands on the same world positions and a
-model run through the MONAI recipe sees the same voxels. Training and inference call the same functions:
-no train/inference skew.
+model run through the MONAI recipe sees the same voxels. Images are smoothed along each axis that shrinks
+before it is sampled (MONAI's ``GaussianSmooth`` kernel, sigma ``(step - 1) / 2``), so the model grid
+keeps the source's signal rather than one voxel's noise in four. Training and inference call the same
+functions: no train/inference skew.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 import torch.nn.functional as F
+from monai.networks.layers import gaussian_1d
 from nibabel import orientations
 
 from dicom_io.volume import ImageVolume, Modality
@@ -87,10 +90,44 @@ def _source_axis_order(tensor: torch.Tensor, ornt: npt.NDArray[np.float64]) -> t
     return tensor.permute(*range(lead), *(lead + int(ornt[a, 0]) for a in range(3)))
 
 
-def _sample_axis(tensor: torch.Tensor, axis: int, coords: torch.Tensor, *, nearest: bool) -> torch.Tensor:
+def _smoothed_sampling(n: int, coords: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The (len(coords), n) matrix that smooths an axis of ``n`` voxels with MONAI's ``GaussianSmooth``
+    kernel (edge values padding it) and then samples it linearly at ``coords``: both steps are linear,
+    so one matrix product does them on the already shrunk output."""
+    kernel = gaussian_1d(torch.tensor(sigma), truncated=4.0).double()
+    radius = (len(kernel) - 1) // 2
+    smooth = torch.zeros(n, n, dtype=torch.float64)
+    rows = torch.arange(n)
+    for offset, weight in zip(range(-radius, radius + 1), kernel, strict=True):
+        smooth.index_put_((rows, (rows + offset).clamp(0, n - 1)), weight.expand(n), accumulate=True)
+    clamped = coords.clamp(0, n - 1)
+    low = clamped.floor().long().clamp(max=max(n - 2, 0))
+    high = (low + 1).clamp(max=n - 1)
+    weight = clamped - low
+    sample = torch.zeros(len(coords), n, dtype=torch.float64)
+    out = torch.arange(len(coords))
+    sample.index_put_((out, low), 1 - weight, accumulate=True)
+    sample.index_put_((out, high), weight, accumulate=True)
+    return sample @ smooth
+
+
+def _sample_axis(
+    tensor: torch.Tensor, axis: int, coords: torch.Tensor, *, nearest: bool, antialias: bool = False
+) -> torch.Tensor:
     """Values of ``tensor`` at fractional indices ``coords`` along one axis: linear (or nearest), with
-    positions past either end taken from the end voxel (MONAI's ``border`` padding)."""
+    positions past either end taken from the end voxel (MONAI's ``border`` padding).
+
+    ``antialias``: where the step between ``coords`` is over one voxel (a shrinking axis), the axis is
+    first smoothed with a Gaussian of sigma ``(step - 1) / 2`` voxels (scikit-image's ``resize`` rule).
+    Point sampling a 0.7 mm scan at 3 mm otherwise keeps one voxel in four along each axis and with it
+    the full per-voxel noise (15 HU left inside organs instead of 3-4), which buries the 10-20 HU
+    between unenhanced organs.
+    """
     n = tensor.shape[axis]
+    step = float((coords[-1] - coords[0]).abs()) / (len(coords) - 1) if len(coords) > 1 else 1.0
+    if antialias and not nearest and step > 1:
+        matrix = _smoothed_sampling(n, coords, (step - 1) / 2).to(tensor.dtype)
+        return torch.tensordot(matrix, tensor, dims=([1], [axis])).movedim(0, axis)
     clamped = coords.clamp(0, n - 1)
     if nearest:
         return tensor.index_select(axis, clamped.round().long())
@@ -101,17 +138,18 @@ def _sample_axis(tensor: torch.Tensor, axis: int, coords: torch.Tensor, *, neare
 
 
 def _sample_axes(
-    tensor: torch.Tensor, coords: Sequence[torch.Tensor], *, nearest: bool = False
+    tensor: torch.Tensor, coords: Sequence[torch.Tensor], *, nearest: bool = False, antialias: bool = False
 ) -> torch.Tensor:
     """``_sample_axis`` on each of the last three axes: the grids here are axis-aligned, so trilinear
     interpolation is three 1-D ones. Axes that shrink go first, outermost first; axes that grow go
-    last, innermost first, so the largest pass copies whole planes."""
+    last, innermost first, so the largest pass copies whole planes (and each smoothing pass runs on
+    what the passes before it already shrank)."""
     lead = tensor.ndim - 3
     ratios = [len(c) / tensor.shape[lead + a] for a, c in enumerate(coords)]
     shrinking = [a for a in range(3) if ratios[a] <= 1]
     growing = [a for a in reversed(range(3)) if ratios[a] > 1]
     for axis in shrinking + growing:
-        tensor = _sample_axis(tensor, lead + axis, coords[axis], nearest=nearest)
+        tensor = _sample_axis(tensor, lead + axis, coords[axis], nearest=nearest, antialias=antialias)
     return tensor
 
 
@@ -185,7 +223,7 @@ def to_model(volume: ImageVolume, spec: ModelSpec) -> ModelInput:
     source = np.asarray(volume.array, dtype=np.float32)
     positions = _model_positions(grid)
     channels = [
-        _sample_axes(torch.from_numpy(_normalize_channel(source, intensity))[None], positions)
+        _sample_axes(torch.from_numpy(_normalize_channel(source, intensity))[None], positions, antialias=True)
         for intensity in intensity_channels(volume.modality, spec)
     ]
     image = _model_axis_order(torch.cat(channels), grid.ornt).contiguous()

@@ -201,10 +201,11 @@ def test_to_model_and_back_follow_world_coordinates(affine: list[list[float]]) -
     ],
 )
 def test_model_grid_and_voxels_are_monai_spacing_ones(affine: list[list[float]]) -> None:
-    """The MONAI recipe (Orientation LPS, ScaleIntensityRange per window, Spacing) gives the same grid
-    (shape and affine) and the same voxel values, borders and clipped values included, as ``to_model``."""
+    """The MONAI recipe (Orientation LPS, ScaleIntensityRange per window, GaussianSmooth with edge
+    padding, Spacing) gives the same grid (shape and affine) and the same voxel values, borders and
+    clipped values included, as ``to_model``."""
     from monai.data import MetaTensor
-    from monai.transforms import Orientation, ScaleIntensityRange, Spacing
+    from monai.transforms import BorderPad, GaussianSmooth, Orientation, ScaleIntensityRange, Spacing
 
     rng = np.random.default_rng(0)
     matrix = np.array(affine)
@@ -213,6 +214,7 @@ def test_model_grid_and_voxels_are_monai_spacing_ones(affine: list[list[float]])
     image = torch.nn.functional.interpolate(
         torch.from_numpy(smooth)[None, None], size=volume.array.shape, mode="trilinear"
     )[0, 0].numpy()
+    image += rng.normal(0, 40, image.shape).astype(np.float32)  # voxel noise: what the smoothing is for
     source = ImageVolume(**{**volume.__dict__, "array": image, "affine": matrix})
     spec = parse_spec(_small_spec(), "t")
     ours = to_model(source, spec)
@@ -225,10 +227,32 @@ def test_model_grid_and_voxels_are_monai_spacing_ones(affine: list[list[float]])
             for w in windows
         ]
     )
-    theirs = Spacing(pixdim=spec.preprocessing.spacing_mm, mode="bilinear")(scaled)
+    step = np.asarray(spec.preprocessing.spacing_mm) / np.asarray(monai_image.pixdim)
+    sigma = [(s - 1) / 2 for s in step]
+    border = [int(4 * s + 0.5) for s in sigma]  # the kernel's reach, padded with edge values
+    padded = BorderPad(spatial_border=border, mode="replicate")(scaled)
+    smoothed = torch.as_tensor(GaussianSmooth(sigma=sigma)(padded))
+    inner = (slice(None), *(slice(b, b + n) for b, n in zip(border, scaled.shape[1:], strict=True)))
+    unpadded = MetaTensor(smoothed[inner], affine=scaled.affine)
+    theirs = Spacing(pixdim=spec.preprocessing.spacing_mm, mode="bilinear")(unpadded)
     assert theirs.shape == ours.image.shape
     np.testing.assert_allclose(np.diag([-1.0, -1.0, 1.0, 1.0]) @ ours.grid.affine, theirs.affine, atol=1e-4)
     np.testing.assert_allclose(ours.image.numpy(), np.asarray(theirs), atol=1e-4)
+
+
+def test_to_model_smooths_noise_before_shrinking() -> None:
+    """Uniform tissue with voxel noise: point sampling at 6 mm would keep the noise; the smoothed
+    sampling keeps its mean and cuts its spread by far more than half."""
+    rng = np.random.default_rng(1)
+    volume, _ = _volume(matrix=48, slices=20)
+    image = (40.0 + rng.normal(0, 30, volume.array.shape)).astype(np.float32)
+    fine = np.diag([2.0, 0.8, 0.8, 1.0])  # 2 mm slices of 0.8 mm voxels: every axis shrinks to 6 mm
+    source = ImageVolume(**{**volume.__dict__, "array": image, "affine": fine})
+    spec = parse_spec(_small_spec(), "t")
+    soft_tissue = to_model(source, spec).image[1].numpy()  # the -160..240 HU window: nothing clipped
+    hu = soft_tissue * 200.0 + 40.0
+    assert abs(float(hu.mean()) - 40.0) < 2.0
+    assert float(hu.std()) < 0.3 * 30.0
 
 
 def _source_shape(grid: ModelGrid) -> tuple[int, ...]:
