@@ -6,9 +6,9 @@ each variant's own) in the same run on the same machine:
 - ``det``: medseg, read + one deterministic pass (samples=1);
 - ``mc``: medseg, read + Monte-Carlo with ``--samples`` samples;
 - ``naive``: the recipe people write from MONAI's tutorials with the same weights: LoadImage (PydicomReader),
-  EnsureChannelFirst, Orientation, ScaleIntensityRange, GaussianSmooth before Spacing (the model's inputs
-  are smoothed before they shrink; edge-padded by BorderPad, as GaussianSmooth pads with zeros, which
-  in a CT window is soft tissue), Spacing, ``model.train()``, ``--samples`` separate
+  EnsureChannelFirst, Orientation, ScaleIntensityRange, for a spec with ``smooth_before_shrinking``
+  GaussianSmooth (edge-padded by BorderPad: GaussianSmooth pads with zeros, in a CT window soft tissue),
+  Spacing, ``model.train()``, ``--samples`` separate
   ``sliding_window_inference`` calls, mean softmax, SpatialResample back, argmax.
 
 Prints the two ratios the issue asks for (MC / deterministic inference, naive / medseg whole stage), the
@@ -97,16 +97,15 @@ def _variant_naive(series: Path, model_name: str, samples: int, out: Path) -> di
             for w in windows
         ]
     )
-    sigma = [
-        max((s - 1) / 2, 0.0) for s in np.asarray(spec.preprocessing.spacing_mm) / np.asarray(scaled.pixdim)
-    ]
-    border = [int(4 * s + 0.5) for s in sigma]
-    smoothed = torch.as_tensor(
-        GaussianSmooth(sigma=sigma)(BorderPad(spatial_border=border, mode="replicate")(scaled))
-    )
-    inner = (slice(None), *(slice(b, b + n) for b, n in zip(border, scaled.shape[1:], strict=True)))
-    unpadded = MetaTensor(smoothed[inner], affine=scaled.affine)
-    resampled = Spacing(pixdim=spec.preprocessing.spacing_mm, mode="bilinear")(unpadded)
+    if spec.preprocessing.smooth_before_shrinking:  # as the model was trained: smoothed, then shrunk
+        step = np.asarray(spec.preprocessing.spacing_mm) / np.asarray(scaled.pixdim)
+        sigma = [max((s - 1) / 2, 0.0) for s in step]
+        border = [int(4 * s + 0.5) for s in sigma]
+        padded = BorderPad(spatial_border=border, mode="replicate")(scaled)
+        smoothed = torch.as_tensor(GaussianSmooth(sigma=sigma)(padded))
+        inner = (slice(None), *(slice(b, b + n) for b, n in zip(border, scaled.shape[1:], strict=True)))
+        scaled = MetaTensor(smoothed[inner], affine=scaled.affine)
+    resampled = Spacing(pixdim=spec.preprocessing.spacing_mm, mode="bilinear")(scaled)
     if samples > 1:  # the usual way to "turn on dropout" (also puts every norm layer in training mode)
         model.network.train()
     else:

@@ -106,6 +106,9 @@ class PreprocessingSpec(_Frozen):
     spacing_mm: tuple[Positive, Positive, Positive]
     orientation: Orientation = Orientation.LPS
     intensity: dict[Modality, tuple[IntensitySpec, ...]]
+    # Gaussian-smooth each axis that shrinks before sampling it (``medseg.preprocess``); off for models
+    # trained on point-sampled inputs (default_ct 1.5.0), whose validation was measured that way.
+    smooth_before_shrinking: bool = False
 
     @field_validator("intensity", mode="before")
     @classmethod

@@ -4,9 +4,10 @@ The model grid is MONAI's (``Orientation`` then ``Spacing``): axes permuted/flip
 orientation (a lossless reindexing, nibabel's ``io_orientation``), the first voxel centre kept, the spacing
 exactly the spec's. Values move between the grids by linear interpolation at each voxel centre's world
 position (``border`` padding), so ``map_to_source(to_model(x))`` lands on the same world positions and a
-model run through the MONAI recipe sees the same voxels. Images are smoothed along each axis that shrinks
-before it is sampled (MONAI's ``GaussianSmooth`` kernel, sigma ``(step - 1) / 2``), so the model grid
-keeps the source's signal rather than one voxel's noise in four. Training and inference call the same
+model run through the MONAI recipe sees the same voxels. With ``preprocessing.smooth_before_shrinking``
+images are smoothed along each axis that shrinks before it is sampled (MONAI's ``GaussianSmooth``
+kernel, sigma ``(step - 1) / 2``), so the model grid keeps the source's signal rather than one voxel's
+noise in four. Training and inference call the same
 functions: no train/inference skew.
 """
 
@@ -223,7 +224,11 @@ def to_model(volume: ImageVolume, spec: ModelSpec) -> ModelInput:
     source = np.asarray(volume.array, dtype=np.float32)
     positions = _model_positions(grid)
     channels = [
-        _sample_axes(torch.from_numpy(_normalize_channel(source, intensity))[None], positions, antialias=True)
+        _sample_axes(
+            torch.from_numpy(_normalize_channel(source, intensity))[None],
+            positions,
+            antialias=spec.preprocessing.smooth_before_shrinking,
+        )
         for intensity in intensity_channels(volume.modality, spec)
     ]
     image = _model_axis_order(torch.cat(channels), grid.ornt).contiguous()

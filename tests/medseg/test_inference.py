@@ -193,6 +193,7 @@ def test_to_model_and_back_follow_world_coordinates(affine: list[list[float]]) -
         np.testing.assert_allclose(back[source_inner], world[..., axis][source_inner], atol=1e-2)
 
 
+@pytest.mark.parametrize("smoothing", [False, True])
 @pytest.mark.parametrize(
     "affine",
     [
@@ -200,10 +201,10 @@ def test_to_model_and_back_follow_world_coordinates(affine: list[list[float]]) -
         [[0.8, 0, 0, 10.0], [0, 0, 2.0, 20.0], [0, -0.7, 0, 30.0], [0, 0, 0, 1.0]],  # coronal-like
     ],
 )
-def test_model_grid_and_voxels_are_monai_spacing_ones(affine: list[list[float]]) -> None:
-    """The MONAI recipe (Orientation LPS, ScaleIntensityRange per window, GaussianSmooth with edge
-    padding, Spacing) gives the same grid (shape and affine) and the same voxel values, borders and
-    clipped values included, as ``to_model``."""
+def test_model_grid_and_voxels_are_monai_spacing_ones(affine: list[list[float]], smoothing: bool) -> None:
+    """The MONAI recipe (Orientation LPS, ScaleIntensityRange per window, with ``smooth_before_shrinking``
+    GaussianSmooth with edge padding, Spacing) gives the same grid (shape and affine) and the same voxel
+    values, borders and clipped values included, as ``to_model``."""
     from monai.data import MetaTensor
     from monai.transforms import BorderPad, GaussianSmooth, Orientation, ScaleIntensityRange, Spacing
 
@@ -216,7 +217,9 @@ def test_model_grid_and_voxels_are_monai_spacing_ones(affine: list[list[float]])
     )[0, 0].numpy()
     image += rng.normal(0, 40, image.shape).astype(np.float32)  # voxel noise: what the smoothing is for
     source = ImageVolume(**{**volume.__dict__, "array": image, "affine": matrix})
-    spec = parse_spec(_small_spec(), "t")
+    data = _small_spec()
+    data["preprocessing"]["smooth_before_shrinking"] = smoothing
+    spec = parse_spec(data, "t")
     ours = to_model(source, spec)
     ras_affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ matrix  # MONAI's affines are RAS, ours LPS
     monai_image = Orientation(axcodes="LPS")(MetaTensor(torch.tensor(image)[None], affine=ras_affine))
@@ -228,7 +231,7 @@ def test_model_grid_and_voxels_are_monai_spacing_ones(affine: list[list[float]])
         ]
     )
     step = np.asarray(spec.preprocessing.spacing_mm) / np.asarray(monai_image.pixdim)
-    sigma = [(s - 1) / 2 for s in step]
+    sigma = [(s - 1) / 2 if smoothing else 0.0 for s in step]  # sigma 0: MONAI's kernel is [1], no change
     border = [int(4 * s + 0.5) for s in sigma]  # the kernel's reach, padded with edge values
     padded = BorderPad(spatial_border=border, mode="replicate")(scaled)
     smoothed = torch.as_tensor(GaussianSmooth(sigma=sigma)(padded))
@@ -248,11 +251,15 @@ def test_to_model_smooths_noise_before_shrinking() -> None:
     image = (40.0 + rng.normal(0, 30, volume.array.shape)).astype(np.float32)
     fine = np.diag([2.0, 0.8, 0.8, 1.0])  # 2 mm slices of 0.8 mm voxels: every axis shrinks to 6 mm
     source = ImageVolume(**{**volume.__dict__, "array": image, "affine": fine})
-    spec = parse_spec(_small_spec(), "t")
-    soft_tissue = to_model(source, spec).image[1].numpy()  # the -160..240 HU window: nothing clipped
-    hu = soft_tissue * 200.0 + 40.0
-    assert abs(float(hu.mean()) - 40.0) < 2.0
-    assert float(hu.std()) < 0.3 * 30.0
+    spreads = {}
+    for smooth in (False, True):
+        data = _small_spec()
+        data["preprocessing"]["smooth_before_shrinking"] = smooth
+        soft_tissue = to_model(source, parse_spec(data, "t")).image[1].numpy()  # -160..240 HU: no clipping
+        hu = soft_tissue * 200.0 + 40.0
+        assert abs(float(hu.mean()) - 40.0) < 2.0
+        spreads[smooth] = float(hu.std())
+    assert spreads[False] > 0.6 * 30.0 and spreads[True] < 0.3 * 30.0
 
 
 def _source_shape(grid: ModelGrid) -> tuple[int, ...]:
