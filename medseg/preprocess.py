@@ -7,8 +7,7 @@ position (``border`` padding), so ``map_to_source(to_model(x))`` lands on the sa
 model run through the MONAI recipe sees the same voxels. With ``preprocessing.smooth_before_shrinking``
 images are smoothed along each axis that shrinks before it is sampled (MONAI's ``GaussianSmooth``
 kernel, sigma ``(step - 1) / 2``), so the model grid keeps the source's signal rather than one voxel's
-noise in four. Training and inference call the same
-functions: no train/inference skew.
+noise in four. Training and inference call the same functions: no train/inference skew.
 """
 
 from __future__ import annotations
