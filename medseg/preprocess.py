@@ -90,6 +90,15 @@ def _source_axis_order(tensor: torch.Tensor, ornt: npt.NDArray[np.float64]) -> t
     return tensor.permute(*range(lead), *(lead + int(ornt[a, 0]) for a in range(3)))
 
 
+def _linear_taps(coords: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For fractional indices into an axis of ``n`` voxels: the lower and upper neighbour and the
+    weight of the upper one, positions past either end taken from the end voxel (``border`` padding)."""
+    clamped = coords.clamp(0, n - 1)
+    low = clamped.floor().long().clamp(max=max(n - 2, 0))
+    high = (low + 1).clamp(max=n - 1)
+    return low, high, clamped - low
+
+
 def _smoothed_sampling(n: int, coords: torch.Tensor, sigma: float) -> torch.Tensor:
     """The (len(coords), n) matrix that smooths an axis of ``n`` voxels with MONAI's ``GaussianSmooth``
     kernel (edge values padding it) and then samples it linearly at ``coords``: both steps are linear,
@@ -100,14 +109,11 @@ def _smoothed_sampling(n: int, coords: torch.Tensor, sigma: float) -> torch.Tens
     rows = torch.arange(n)
     for offset, weight in zip(range(-radius, radius + 1), kernel, strict=True):
         smooth.index_put_((rows, (rows + offset).clamp(0, n - 1)), weight.expand(n), accumulate=True)
-    clamped = coords.clamp(0, n - 1)
-    low = clamped.floor().long().clamp(max=max(n - 2, 0))
-    high = (low + 1).clamp(max=n - 1)
-    weight = clamped - low
+    low, high, upper = _linear_taps(coords, n)
     sample = torch.zeros(len(coords), n, dtype=torch.float64)
     out = torch.arange(len(coords))
-    sample.index_put_((out, low), 1 - weight, accumulate=True)
-    sample.index_put_((out, high), weight, accumulate=True)
+    sample.index_put_((out, low), 1 - upper, accumulate=True)
+    sample.index_put_((out, high), upper, accumulate=True)
     return sample @ smooth
 
 
@@ -124,16 +130,14 @@ def _sample_axis(
     between unenhanced organs.
     """
     n = tensor.shape[axis]
+    if nearest:
+        return tensor.index_select(axis, coords.clamp(0, n - 1).round().long())
     step = float((coords[-1] - coords[0]).abs()) / (len(coords) - 1) if len(coords) > 1 else 1.0
-    if antialias and not nearest and step > 1:
+    if antialias and step > 1:
         matrix = _smoothed_sampling(n, coords, (step - 1) / 2).to(tensor.dtype)
         return torch.tensordot(matrix, tensor, dims=([1], [axis])).movedim(0, axis)
-    clamped = coords.clamp(0, n - 1)
-    if nearest:
-        return tensor.index_select(axis, clamped.round().long())
-    low = clamped.floor().long().clamp(max=max(n - 2, 0))
-    high = (low + 1).clamp(max=n - 1)
-    weight = (clamped - low).to(tensor.dtype).view([-1 if a == axis else 1 for a in range(tensor.ndim)])
+    low, high, upper = _linear_taps(coords, n)
+    weight = upper.to(tensor.dtype).view([-1 if a == axis else 1 for a in range(tensor.ndim)])
     return tensor.index_select(axis, low).lerp_(tensor.index_select(axis, high), weight)
 
 
