@@ -256,7 +256,31 @@ def _markdown(name: str, device_uid: str, evaluations: list[CaseEvaluation], arg
             f"{_nanmean([_nanmean(list(e.dice.values())) for e in rows]):.3f} | "
             f"{np.mean([len(e.flagged) for e in rows]):.1f} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _paired_shift_lines(evaluations)) + "\n"
+
+
+def _paired_shift_lines(evaluations: list[CaseEvaluation]) -> list[str]:
+    """Each altered case against the same case clean: the table above compares the first case of each
+    site with the mean of all clean cases, where a case-to-case difference can pass for a shift effect."""
+    clean = {e.case_id: e for e in evaluations if e.condition == "clean"}
+    lines = [
+        "",
+        "Paired, each altered case against the same case clean (voxel-mean MI, nats; ratio altered/clean):",
+        "",
+        "| condition | case | MI clean | MI altered | ratio | sample agreement clean -> altered |",
+        "|---|---|---|---|---|---|",
+    ]
+    for condition in [*[a.value for a in Artefact], SHORT_SCAN]:
+        for e in evaluations:
+            base = clean.get(e.case_id)
+            if e.condition != condition or base is None:
+                continue
+            before, after = base.mean_mutual_information_foreground, e.mean_mutual_information_foreground
+            lines.append(
+                f"| {condition} | {e.case_id} | {before:.4f} | {after:.4f} | {after / before:.2f} | "
+                f"{base.mean_sample_agreement:.3f} -> {e.mean_sample_agreement:.3f} |"
+            )
+    return lines
 
 
 if __name__ == "__main__":
