@@ -46,6 +46,7 @@ UNSEEN_SITE = "site_d"
 FP_RATES = (0.25, 0.5, 1.0, 2.0, 4.0)
 SHORT_SCAN_MM = 48.0
 SHORT_SCAN = "short scan"
+ALTERED = (*(a.value for a in Artefact), SHORT_SCAN)  # conditions made from a clean case
 
 
 def _volume(image: np.ndarray, affine: np.ndarray, case_id: str) -> ImageVolume:
@@ -243,7 +244,7 @@ def _markdown(name: str, device_uid: str, evaluations: list[CaseEvaluation], arg
         "(nats) | sample agreement | mean Dice | structures flagged |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for condition in ["clean", *[a.value for a in Artefact], SHORT_SCAN, "unseen site"]:
+    for condition in ["clean", *ALTERED, "unseen site"]:
         rows = [e for e in evaluations if e.condition == condition]
         if not rows:
             continue
@@ -270,14 +271,15 @@ def _paired_shift_lines(evaluations: list[CaseEvaluation]) -> list[str]:
         "| condition | case | MI clean | MI altered | ratio | sample agreement clean -> altered |",
         "|---|---|---|---|---|---|",
     ]
-    for condition in [*[a.value for a in Artefact], SHORT_SCAN]:
+    for condition in ALTERED:
         for e in evaluations:
             base = clean.get(e.case_id)
             if e.condition != condition or base is None:
                 continue
             before, after = base.mean_mutual_information_foreground, e.mean_mutual_information_foreground
+            ratio = f"{after / before:.2f}" if before > 0 else "n/a"
             lines.append(
-                f"| {condition} | {e.case_id} | {before:.4f} | {after:.4f} | {after / before:.2f} | "
+                f"| {condition} | {e.case_id} | {before:.4f} | {after:.4f} | {ratio} | "
                 f"{base.mean_sample_agreement:.3f} -> {e.mean_sample_agreement:.3f} |"
             )
     return lines
