@@ -174,7 +174,7 @@ def run_pipeline(
         if v not in usable
     ]
     if not usable:
-        found = "; ".join(f"{s['series']}: {s['reason']}" for s in skipped) or "no DICOM images"
+        found = "; ".join(f"{s['series']}: {s['reason']}" for s in skipped) or _no_images(read)
         raise NothingToAnalyseError(f"{source}: nothing model {model.spec.name} can analyse ({found})")
     out_dir.mkdir(parents=True, exist_ok=True)
     series = []
@@ -241,3 +241,15 @@ def run_pipeline(
     (out_dir / SUMMARY_FILE).write_text(summary.to_json())
     report("done", 1, 1)
     return summary
+
+
+def _no_images(read: ReadResult) -> str:
+    """Why a source held no image at all: the reader's reasons for the files it skipped (a missing path,
+    non-DICOM files), the first few of them."""
+    shown = [f"{f.name}: {f.reason}" for f in read.inventory.skipped[:3]]
+    more = len(read.inventory.skipped) - len(shown)
+    return (
+        "no DICOM images"
+        + (": " + "; ".join(shown) if shown else "")
+        + (f" and {more} more" if more > 0 else "")
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import highdicom as hd
@@ -69,6 +70,16 @@ def test_nothing_to_analyse_names_what_was_found(tmp_path: Path) -> None:
     series = _series(tmp_path, site="site_mr")
     with pytest.raises(NothingToAnalyseError, match="modality MR is not handled by model default_ct"):
         run_pipeline(series, tmp_path / "out", model)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_source_is_named_with_the_reason(tmp_path: Path) -> None:
+    model = _tiny_model(tmp_path)
+    missing = tmp_path / "no-such-study"
+    with pytest.raises(
+        NothingToAnalyseError, match=re.escape(f"no DICOM images: {missing}: no such file or folder")
+    ):
+        run_pipeline(missing, tmp_path / "out", model)
     assert not (tmp_path / "out").exists()
 
 
