@@ -72,6 +72,8 @@ def lesion_findings(
         major_idx = np.argwhere(majority) + offset
         weights = p[box][majority]
         centre_idx = (major_idx * weights[:, None]).sum(0) / max(float(weights.sum()), 1e-9)
+        # a region in the grid's overhang past the last source slice is centred on the scanned volume
+        centre_idx = np.clip(centre_idx, 0.0, grid.last_source_index)
         centre = grid.affine[:3, :3] @ centre_idx + grid.affine[:3, 3]
         lo, hi = _box_lps(major_idx.min(0).astype(float), major_idx.max(0).astype(float), grid.affine)
         ulo, uhi = _box_lps(union_idx.min(0).astype(float), union_idx.max(0).astype(float), grid.affine)

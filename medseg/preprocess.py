@@ -48,6 +48,14 @@ class ModelGrid:
     def voxel_volume_ml(self) -> float:
         return float(abs(np.linalg.det(self.affine[:3, :3]))) / 1000.0
 
+    @property
+    def last_source_index(self) -> npt.NDArray[np.float64]:
+        """Per model axis, the model index of the source's last voxel centre.
+
+        ``plan_grid`` rounds the extent to whole model voxels, so the grid may reach up to half a model
+        voxel past it: what lies there was never scanned (sampling repeats the end slice)."""
+        return (np.asarray(self.oriented_shape, dtype=np.float64) - 1) / np.asarray(self.index_step)
+
 
 def plan_grid(
     volume_shape: tuple[int, int, int], affine: npt.NDArray[np.float64], spec: ModelSpec

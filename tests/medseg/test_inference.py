@@ -394,6 +394,26 @@ def test_lesion_findings_from_votes_and_moments() -> None:
     assert doubtful.score_spread == pytest.approx(0.3)
 
 
+def test_lesion_finding_in_the_grid_overhang_is_centred_on_the_scan() -> None:
+    """The model grid can reach past the last source slice; a finding there stays on the source grid.
+
+    21 voxels of 2 mm on a 6 mm grid: 8 model voxels, the last one at source index 21 (one past the end),
+    where the SR's key slice would not exist."""
+    from medseg.lesions import lesion_findings
+    from medseg.model_spec import ReviewSpec
+
+    spec = parse_spec(_small_spec(), "t")
+    grid = plan_grid((21, 21, 21), np.diag([2.0, 2.0, 2.0, 1.0]), spec)
+    assert grid.shape[0] == 8 and grid.last_source_index[0] == pytest.approx(20 / 3)
+    p, var, votes = torch.zeros(grid.shape), torch.zeros(grid.shape), torch.zeros(grid.shape)
+    votes[7, 3:5, 3:5] = 1.0
+    p[7, 3:5, 3:5] = 0.9
+    (finding,) = lesion_findings(p, var, votes, grid, ReviewSpec())
+    assert finding.centre_lps[0] == pytest.approx(40.0)  # the last source slice (index 20), not 42 mm
+    assert finding.centre_lps[1] == pytest.approx(3.5 * 6.0)  # in-plane centre untouched
+    assert finding.box_max_lps[0] > 40.0  # the box still shows where the region was
+
+
 def test_label_map_alignment_flips_and_refuses(tmp_path: Path) -> None:
     from medseg.preprocess import align_to_volume
 
