@@ -21,6 +21,7 @@ from scipy import stats
 from dicom_io.ai_result import LesionFinding
 from medseg.inference import Prediction
 from medseg.model_spec import ModelSpec
+from medseg.preprocess import argmax_to_source, labels_to_model, plan_grid
 
 HIT_IOU = 0.1
 FloatArray = npt.NDArray[np.float64]
@@ -208,6 +209,19 @@ def dice_per_class(prediction: LabelArray, truth: LabelArray, num_classes: int) 
         denominator = int(p.sum()) + int(t.sum())
         out.append(2.0 * int((p & t).sum()) / denominator if denominator else float("nan"))
     return out
+
+
+def grid_round_trip(
+    labels: npt.NDArray[np.integer], affine: npt.NDArray[np.float64], spec: ModelSpec
+) -> npt.NDArray[np.uint8]:
+    """The truth as the model grid holds it: moved on as training labels are, back as predictions are.
+
+    Its Dice against the truth is about what a network that learned its training labels exactly would
+    score, so a report can tell the grid's share of the misses from the network's."""
+    grid = plan_grid(labels.shape, affine, spec)
+    on_grid = labels_to_model(labels, grid)[0]
+    one_hot = torch.nn.functional.one_hot(on_grid, spec.num_classes).permute(3, 0, 1, 2).float()
+    return argmax_to_source(one_hot, grid)
 
 
 def dice_scores(

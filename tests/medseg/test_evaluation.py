@@ -11,8 +11,10 @@ from medseg.evaluation import (
     ScanFindings,
     at_threshold,
     bootstrap_interval,
+    dice_scores,
     found_by_kind,
     froc,
+    grid_round_trip,
     sensitivity_at,
     wilson_interval,
 )
@@ -87,3 +89,25 @@ def test_wilson_and_bootstrap_intervals() -> None:
     low, high = bootstrap_interval([0.9, 0.92, 0.88, 0.91, float("nan")])
     assert 0.88 <= low < 0.9025 < high <= 0.92
     assert bootstrap_interval([0.5, 0.5, 0.5]) == (0.5, 0.5)
+
+
+def test_grid_round_trip_is_exact_on_the_model_grid_and_loses_small_structures_on_a_coarser_one() -> None:
+    """The truth through the grid: identical when the source is the model grid, lossy when it is finer."""
+    import numpy as np
+
+    from medseg.model_spec import parse_spec
+    from tests.medseg.tiny_model import tiny_spec_data
+
+    spec = parse_spec(tiny_spec_data(spacing_mm=6.0), "t")
+    labels = np.zeros((12, 12, 12), dtype=np.uint8)
+    labels[2:8, 3:9, 4:10] = 1
+    labels[9, 9, 9] = 2
+    same = grid_round_trip(labels, np.diag([6.0, 6.0, 6.0, 1.0]), spec)
+    np.testing.assert_array_equal(same, labels)
+    fine = np.zeros((36, 36, 36), dtype=np.uint8)
+    fine[4:22, 5:23, 6:24] = 1  # 18 voxels of 2 mm: 6 model voxels, edges off the 6 mm lattice
+    fine[31, 31, 31] = 2  # one 2 mm voxel between model voxel centres (source indices 30 and 33)
+    scores = dice_scores(grid_round_trip(fine, np.diag([2.0, 2.0, 2.0, 1.0]), spec), fine, spec)
+    first, second = (label.name for label in spec.labels[:2])
+    assert 0.8 < scores[first] < 1.0
+    assert scores[second] == 0.0
