@@ -204,7 +204,9 @@ def _markdown(
         "CI: percentile bootstrap over cases (2,000 resamples). Truth through the grid: the ground "
         "truth moved onto the model grid as training labels are and back as predictions are "
         "(`grid_round_trip`); about what a network that learned its training labels exactly would "
-        "score, so the gap between a site's row and this one is the network's.",
+        "score, so the gap between a site's row and this one is the network's. A site above it (bone, "
+        "lung) gains from the network's soft output, which resolves thin structures that "
+        "nearest-neighbour training labels lose.",
         "",
         "## Lesion detection (findings of the Monte-Carlo lesion channel), clean cases",
         "",
