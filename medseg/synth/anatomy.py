@@ -509,8 +509,21 @@ def _paint_organs(cv: _Canvas, rng: np.random.Generator) -> None:
         *,
         where: npt.NDArray[np.bool_] | None = None,
         union: tuple[tuple[float, float, float], tuple[float, float, float]] | None = None,
+        fat_capsule: tuple[float, float] = (0.0, 0.0),
     ) -> None:
-        """Paint an ellipsoid (optionally united with a second one) restricted to ``where``."""
+        """Paint an ellipsoid (optionally united with a second one) restricted to ``where``.
+
+        ``fat_capsule`` (mm) is the fat a retroperitoneal organ sits in: bowel is cleared from a shell
+        that thick around it, and liver and spleen from a thinner one (the fat plane between them)."""
+        cleared_by_shell = ((Tissue.BOWEL,), (Tissue.LIVER, Tissue.SPLEEN))
+        for margin, cleared in zip(fat_capsule, cleared_by_shell, strict=True):
+            if margin:
+                shell = (r[0] + margin, r[1] + margin, r[2] + margin)
+                reg = cv.region(*_ellipsoid_bounds(c, shell))
+                if reg is not None:
+                    b, rz, ry, rx = reg
+                    inside = _ellipsoid(rz, ry, rx, c, shell, rot) & np.isin(cv.tissue[b], cleared)
+                    cv.paint(b, inside, Tissue.FAT)
         lo, hi = _ellipsoid_bounds(c, r)
         if union is not None:
             lo2, hi2 = _ellipsoid_bounds(*union)
@@ -559,19 +572,36 @@ def _paint_organs(cv: _Canvas, rng: np.random.Generator) -> None:
     z_kid = -u(95.0, 120.0)
     y_kid = spine_y + u(-5.0, 10.0)
     kid_r = (u(25.0, 32.0), u(22.0, 28.0), u(45.0, 60.0))
-    organ(Tissue.KIDNEY_RIGHT, (-u(65.0, 80.0), y_kid, z_kid), kid_r, -u(15.0, 30.0), where=abdomen)
+    perirenal = (u(5.0, 12.0), u(2.0, 4.0))  # perirenal fat: bowel, liver and spleen never touch a kidney
     organ(
-        Tissue.KIDNEY_LEFT, (u(65.0, 80.0), y_kid, z_kid + u(10.0, 25.0)), kid_r, u(15.0, 30.0), where=abdomen
+        Tissue.KIDNEY_RIGHT,
+        (-u(65.0, 80.0), y_kid, z_kid),
+        kid_r,
+        -u(15.0, 30.0),
+        where=abdomen,
+        fat_capsule=perirenal,
+    )
+    organ(
+        Tissue.KIDNEY_LEFT,
+        (u(65.0, 80.0), y_kid, z_kid + u(10.0, 25.0)),
+        kid_r,
+        u(15.0, 30.0),
+        where=abdomen,
+        fat_capsule=perirenal,
     )
     del abdomen
 
-    # aorta: a tube left of the midline, anterior to the spine, drifting slightly with z
+    # aorta: a tube left of the midline, anterior to the spine, drifting slightly with z, in a sleeve of
+    # retroperitoneal fat that keeps bowel off its wall (unenhanced, blood and bowel differ by ~15 HU)
     ax0, ar = u(10.0, 25.0), u(9.0, 14.0)
     ay0 = spine_y - spine_r - ar - u(3.0, 8.0)
-    reg = cv.region((-1e4, ay0 - ar, -1e4), (1e4, ay0 + ar, 1e4))
+    sleeve = ar + u(3.0, 8.0)
+    reg = cv.region((-1e4, ay0 - sleeve, -1e4), (1e4, ay0 + sleeve, 1e4))
     if reg is not None:
         b, rz, ry, rx = reg
-        cv.paint(b, (rx - ax0 - 0.03 * rz) ** 2 + (ry - ay0) ** 2 <= ar**2, Tissue.AORTA)
+        r2 = (rx - ax0 - 0.03 * rz) ** 2 + (ry - ay0) ** 2
+        cv.paint(b, (r2 <= sleeve**2) & (cv.tissue[b] == Tissue.BOWEL), Tissue.FAT)
+        cv.paint(b, r2 <= ar**2, Tissue.AORTA)
 
     # spine: vertebral bodies separated by discs, with posterior elements
     level, disc, phase = u(28.0, 34.0), u(6.0, 8.0), u(0.0, 30.0)

@@ -35,6 +35,8 @@ from medseg.synth import (
     synthesize_case,
 )
 from medseg.synth import command as synth_command
+from medseg.synth.anatomy import Tissue, build_phantom
+from medseg.synth.dataset import case_grid
 
 MATRIX, SLICES = 128, 40
 ORGANS = (Label.LIVER, Label.SPLEEN, Label.KIDNEY_LEFT, Label.KIDNEY_RIGHT, Label.AORTA, Label.LUNG)
@@ -135,6 +137,27 @@ def test_lesion_boxes_match_label_map() -> None:
         assert in_box.any(), f"lesion {les.index} ({les.voxel_count} voxels painted) has no label voxel"
         inside_any |= in_box
     assert inside_any.all()
+
+
+@pytest.mark.parametrize("index", range(3))
+def test_kidneys_and_aorta_sit_in_fat(index: int) -> None:
+    """In-plane, bowel never touches a kidney or the aorta, nor liver or spleen a kidney: unenhanced
+    they differ by 10-25 HU, and a real retroperitoneum parts them with fat (the wall of an unenhanced
+    aorta inside bowel was invisible, and the network guessed its size)."""
+    rng = np.random.default_rng(index)
+    # the site's own 1.7 mm pixels: the thinnest fat (2-3 mm) is a pixel wide there
+    grid = case_grid(load_site("site_c"), rng, PatientPosition.HFS, matrix=256, slices=SLICES)
+    tissue = build_phantom(grid, rng).tissue
+    edge_neighbours = ndimage.generate_binary_structure(2, 1)[None]  # in-plane, 4-connected
+
+    def touching(a: tuple[Tissue, ...], b: tuple[Tissue, ...]) -> int:
+        near_b = ndimage.binary_dilation(np.isin(tissue, b), structure=edge_neighbours)
+        return int((near_b & np.isin(tissue, a)).sum())
+
+    kidneys = (Tissue.KIDNEY_LEFT, Tissue.KIDNEY_RIGHT)
+    assert np.isin(tissue, kidneys).any() and (tissue == Tissue.AORTA).any()
+    assert touching((Tissue.BOWEL,), (*kidneys, Tissue.AORTA)) == 0
+    assert touching((Tissue.LIVER, Tissue.SPLEEN), kidneys) == 0
 
 
 def test_different_seeds_give_different_anatomy() -> None:
