@@ -3,10 +3,12 @@
 Pure compute (numpy/scipy, float32), no I/O. Shapes are implicit functions (ellipsoids, elliptic
 cylinders, tubes) of LPS millimetres (x to the patient's left, y posterior, z superior; z = 0 is about the
 level of the diaphragm), evaluated in coordinates warped by a smooth random displacement field so that no
-two cases share a shape. Organ geometry is evaluated on a coarse grid (about 1.6 mm in-plane, 2.5 mm
-through-plane) and replicated onto the target grid; lesions are painted at full resolution. Intensities
-come from per-tissue lookup tables plus low-frequency texture; the scanner simulation then blurs (partial
-volume: thick slices are rendered as sub-slices and averaged), sharpens, drifts and adds noise.
+two cases share a shape. Bowel loops and mesenteric fat fill the abdomen around the organs; the
+retroperitoneal ones (kidneys, aorta) sit in fat that keeps bowel off them. Organ geometry is evaluated
+on a coarse grid (about 1.6 mm in-plane, 2.5 mm through-plane) and replicated onto the target grid;
+lesions are painted at full resolution. Intensities come from per-tissue lookup tables plus
+low-frequency texture; the scanner simulation then blurs (partial volume: thick slices are rendered as
+sub-slices and averaged), sharpens, drifts and adds noise.
 
 Because the image is rendered from the label map, the ground truth is exact on the image grid.
 """
