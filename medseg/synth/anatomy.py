@@ -363,7 +363,17 @@ class _Canvas:
         xx = self.x[None, None, box[2]] + self.disp[2][box]
         return box, zz, yy, xx
 
-    def paint(self, box: tuple[slice, slice, slice], mask: npt.NDArray[np.bool_], tissue: Tissue) -> None:
+    def paint(
+        self,
+        box: tuple[slice, slice, slice],
+        mask: npt.NDArray[np.bool_],
+        tissue: Tissue,
+        *,
+        over: tuple[Tissue, ...] = (),
+    ) -> None:
+        """Set ``tissue`` inside ``mask``; with ``over``, only where the canvas holds one of those."""
+        if over:
+            mask = mask & np.isin(self.tissue[box], over)
         self.tissue[box][mask] = tissue
 
 
@@ -524,8 +534,7 @@ def _paint_organs(cv: _Canvas, rng: np.random.Generator) -> None:
                 reg = cv.region(*_ellipsoid_bounds(c, shell))
                 if reg is not None:
                     b, rz, ry, rx = reg
-                    inside = _ellipsoid(rz, ry, rx, c, shell, rot) & np.isin(cv.tissue[b], cleared)
-                    cv.paint(b, inside, Tissue.FAT)
+                    cv.paint(b, _ellipsoid(rz, ry, rx, c, shell, rot), Tissue.FAT, over=cleared)
         lo, hi = _ellipsoid_bounds(c, r)
         if union is not None:
             lo2, hi2 = _ellipsoid_bounds(*union)
@@ -602,7 +611,7 @@ def _paint_organs(cv: _Canvas, rng: np.random.Generator) -> None:
     if reg is not None:
         b, rz, ry, rx = reg
         r2 = (rx - ax0 - 0.03 * rz) ** 2 + (ry - ay0) ** 2
-        cv.paint(b, (r2 <= sleeve**2) & (cv.tissue[b] == Tissue.BOWEL), Tissue.FAT)
+        cv.paint(b, r2 <= sleeve**2, Tissue.FAT, over=(Tissue.BOWEL,))
         cv.paint(b, r2 <= ar**2, Tissue.AORTA)
 
     # spine: vertebral bodies separated by discs, with posterior elements
