@@ -441,15 +441,18 @@ def train(
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
     dataset = load_dataset(dataset_path)
-    train_cases = load_cases(dataset, spec, Split.TRAIN, sites=sites)
-    val_cases = load_cases(dataset, spec, Split.VAL, sites=sites)
-    log.info("training on %d cases, validating on %d", len(train_cases), len(val_cases))
-
+    checkpoint_path = output / CHECKPOINT
+    if resume and not checkpoint_path.exists():
+        raise FileNotFoundError(f"{checkpoint_path}: no checkpoint to resume from")
+    # the start weights before the cases: a wrong --init fails in seconds, not after minutes of loading
     network = SegmentationNet(spec)
     if init is not None:
         network.load_state_dict(initial_weights(network, spec, load_model(init)))
     if freeze:
         log.info("froze %d encoder parameter tensors", freeze_encoder(network))
+    train_cases = load_cases(dataset, spec, Split.TRAIN, sites=sites)
+    val_cases = load_cases(dataset, spec, Split.VAL, sites=sites)
+    log.info("training on %d cases, validating on %d", len(train_cases), len(val_cases))
     network.to(device)
     optimizer = torch.optim.AdamW(
         [p for p in network.parameters() if p.requires_grad],
@@ -460,16 +463,13 @@ def train(
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
     loss_fn = make_loss(training, spec.num_classes, spec.focal_labels).to(device)
     start_epoch, best, history = 0, -1.0, []
-    checkpoint_path = output / CHECKPOINT
-    if resume and checkpoint_path.exists():
+    if resume:
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
         network.load_state_dict(state["network"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, best, history = state["epoch"], state["best"], state["history"]
         log.info("resumed from %s at epoch %d", checkpoint_path, start_epoch)
-    elif resume:
-        raise FileNotFoundError(f"{checkpoint_path}: no checkpoint to resume from")
 
     provenance = ModelProvenance(
         source="trained",
