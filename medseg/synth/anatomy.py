@@ -347,6 +347,11 @@ class _Canvas:
         ]
         self.margin = 3.0 * warp_mm
 
+    def spacing(self) -> tuple[float, float, float]:
+        """Coarse voxel size (z, y, x) in mm, before the warp."""
+        z, y, x = (float(abs(c[1] - c[0])) if len(c) > 1 else 1.0 for c in (self.z, self.y, self.x))
+        return z, y, x
+
     def region(
         self, lo: tuple[float, float, float], hi: tuple[float, float, float]
     ) -> tuple[tuple[slice, slice, slice], FloatArray, FloatArray, FloatArray] | None:
@@ -601,9 +606,11 @@ def _paint_organs(cv: _Canvas, rng: np.random.Generator) -> None:
         fat_capsule=perirenal,
     )
     del abdomen
+    _trim_spleen(cv)
 
     # aorta: a tube left of the midline, anterior to the spine, drifting slightly with z, in a sleeve of
-    # retroperitoneal fat that keeps bowel off its wall (unenhanced, blood and bowel differ by ~15 HU)
+    # mediastinal and retroperitoneal fat that keeps heart, liver and bowel off its wall (unenhanced, blood
+    # differs from them by 0-20 HU; the descending aorta lies behind the pericardium, not in the heart)
     ax0, ar = u(10.0, 25.0), u(9.0, 14.0)
     ay0 = spine_y - spine_r - ar - u(3.0, 8.0)
     sleeve = ar + u(3.0, 8.0)
@@ -611,8 +618,12 @@ def _paint_organs(cv: _Canvas, rng: np.random.Generator) -> None:
     if reg is not None:
         b, rz, ry, rx = reg
         r2 = (rx - ax0 - 0.03 * rz) ** 2 + (ry - ay0) ** 2
-        cv.paint(b, r2 <= sleeve**2, Tissue.FAT, over=(Tissue.BOWEL,))
+        cv.paint(b, r2 <= sleeve**2, Tissue.FAT, over=(Tissue.BOWEL, Tissue.HEART, Tissue.LIVER))
         cv.paint(b, r2 <= ar**2, Tissue.AORTA)
+    reg = cv.region((-1e4, ay0 - sleeve, -1e4), (1e4, 1e4, 1e4))
+    if reg is not None:  # posterior mediastinum: the heart stays in front of the aorta
+        b, rz, ry, rx = reg
+        cv.paint(b, ry > ay0 - sleeve, Tissue.FAT, over=(Tissue.HEART,))
 
     # spine: vertebral bodies separated by discs, with posterior elements
     level, disc, phase = u(28.0, 34.0), u(6.0, 8.0), u(0.0, 30.0)
@@ -644,6 +655,33 @@ def _paint_organs(cv: _Canvas, rng: np.random.Generator) -> None:
         on_rib = (np.abs(z_rel - pitch * np.round(z_rel / pitch)) < rib_r) & (z_rel > -rib_r)
         gap = (np.abs(rx) < 25.0) & (ry < body.cy)
         cv.paint(b, near & on_rib & ~gap, Tissue.BONE)
+
+
+SPLEEN_MIN_THICKNESS_MM = 8.0
+
+
+def _trim_spleen(cv: _Canvas) -> None:
+    """Turn spleen thinner than ``SPLEEN_MIN_THICKNESS_MM`` into fat (a morphological opening).
+
+    The kidney and its fat capsule are painted over the spleen ellipsoid; where they overlap they leave a
+    sub-voxel shell of spleen wrapped around the kidney, which real anatomy does not have (the lower
+    pole sits anterolateral to the kidney) and no model grid of a few mm can resolve."""
+    spleen = cv.tissue == Tissue.SPLEEN
+    if not spleen.any():
+        return
+    lo = np.argwhere(spleen).min(axis=0)
+    hi = np.argwhere(spleen).max(axis=0) + 1
+    radius = SPLEEN_MIN_THICKNESS_MM / 2
+    sampling = cv.spacing()
+    sl = [
+        slice(max(0, int(a) - p), min(n, int(b) + p))
+        for a, b, p, n in zip(lo, hi, (math.ceil(radius / v) + 1 for v in sampling), cv.shape, strict=True)
+    ]
+    box = (sl[0], sl[1], sl[2])
+    organ = spleen[box]
+    core = ndimage.distance_transform_edt(organ, sampling=sampling) > radius
+    kept = organ & (ndimage.distance_transform_edt(~core, sampling=sampling) <= radius)
+    cv.paint(box, organ & ~kept, Tissue.FAT)
 
 
 def _paint_lesions(
