@@ -184,6 +184,30 @@ def _review_reasons(
     return tuple(reason for failed, reason in checks if failed)
 
 
+def largest_components_only(probabilities: torch.Tensor, labels: Sequence[int]) -> torch.Tensor:
+    """(C, X, Y, Z) probabilities with each of ``labels`` zeroed outside the largest connected part of
+    its argmax region on the model grid, so those voxels go to the next most probable class.
+
+    The usual post-processing for organs that are one piece (nnU-Net, TotalSegmentator): a detached
+    island of "spleen" far from the spleen is a false positive whatever its probability. Done on the
+    model grid (small) before the label map is interpolated, and on a copy: the reported mean
+    probabilities stay the network's. (MONAI's KeepLargestConnectedComponent works on a label map, so
+    it can only send the island to background, and it needs scikit-image.)"""
+    if not labels:
+        return probabilities
+    winner = probabilities.argmax(dim=0).numpy()
+    kept = probabilities.clone()
+    for label in labels:
+        parts, count = ndimage.label(winner == label)
+        if count <= 1:
+            continue
+        sizes = np.bincount(parts.ravel(), minlength=count + 1)
+        sizes[0] = 0
+        stray = torch.from_numpy((parts != 0) & (parts != int(sizes.argmax())))
+        kept[label].masked_fill_(stray, 0.0)
+    return kept
+
+
 def infer(
     volume: ImageVolume,
     model: Model,
@@ -267,7 +291,9 @@ def infer(
         log.warning("%s", notes[0])
     mark("network")
 
-    label_map = argmax_to_source(mean_p, model_input.grid)
+    label_map = argmax_to_source(
+        largest_components_only(mean_p, spec.single_component_labels), model_input.grid
+    )
     entropy_map = map_to_source(predictive, model_input.grid)
     mi_map = map_to_source(mutual, model_input.grid)
     np.maximum(entropy_map, 0, out=entropy_map)

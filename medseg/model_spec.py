@@ -163,6 +163,8 @@ class LabelSpec(_Frozen):
     anatomic_region: CodeSpec | None = None
     colour: tuple[int, int, int]
     focal: bool = False  # lesion-like: reported as findings (connected components) too
+    # one connected organ: predicted parts apart from its largest go to the next most probable class
+    single_component: bool = False
 
 
 class Stochastic(StrEnum):
@@ -240,6 +242,11 @@ class ModelSpec(_Frozen):
     for_clinical_use: bool = False
 
     @property
+    def single_component_labels(self) -> tuple[int, ...]:
+        """Values of the labels whose label map keeps only the largest connected part."""
+        return tuple(label.value for label in self.labels if label.single_component)
+
+    @property
     def focal_labels(self) -> tuple[int, ...]:
         """Values of the lesion-like labels (reported as findings too, weighted in training)."""
         return tuple(label.value for label in self.labels if label.focal)
@@ -259,6 +266,9 @@ class ModelSpec(_Frozen):
                 "uncertainty.stochastic must be 'all' for an imported bundle: its network has no medseg head,"
                 " Monte-Carlo samples come from its own dropout layers"
             )
+        both = [label.name for label in self.labels if label.focal and label.single_component]
+        if both:
+            raise ValueError(f"labels {both} are focal (many findings) and single_component (one organ)")
         missing = set(self.modalities) - set(self.preprocessing.intensity)
         if missing:
             raise ValueError(f"preprocessing.intensity has no transform for modalities {sorted(missing)}")

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from dicom_io.volume import GeometryReport, ImageVolume, IntensityUnit, Modality, SeriesContext
-from medseg.inference import infer
+from medseg.inference import infer, largest_components_only
 from medseg.model import Model, ModelProvenance, load_model, save_model
 from medseg.model_spec import MODELS_DIR, ModelSpecError, Stochastic, load_spec, parse_spec
 from medseg.networks import SegmentationNet, set_dropout_sampling
@@ -80,6 +80,7 @@ def test_default_spec_is_valid_and_coded() -> None:
         (lambda d: d["inference"].update(roi_size=[90, 96, 96]), "multiple of 16"),
         (lambda d: d["labels"][0]["type"].update(value=""), r"labels\.0\.type\.value"),
         (lambda d: d["preprocessing"]["intensity"]["CT"][0].update(low=2000), "low < high"),
+        (lambda d: d["labels"][7].update(single_component=True), "focal .* and single_component"),
     ],
 )
 def test_bad_spec_names_the_field(change, message: str) -> None:
@@ -438,3 +439,20 @@ def test_short_scans_are_padded_with_air_not_zero() -> None:
     assert padded.shape[2:] == (40, 40, 32)
     assert float(padded[0, 0, 0, 0, 0]) == -1.0 and float(padded[0, 0, 20, 20, 31]) == -1.0
     torch.testing.assert_close(padded[(0, slice(None), *crop)], image[0])
+
+
+def test_stray_island_of_a_single_component_organ_goes_to_the_next_class() -> None:
+    probabilities = torch.zeros(4, 12, 12, 12)
+    probabilities[0] = 0.6
+    probabilities[1, 1:7, 1:7, 1:7] = 0.9  # the organ: 216 voxels
+    probabilities[1, 9:11, 9:11, 9:11] = 0.9  # an island of 8 voxels, apart from it
+    probabilities[2, 9:11, 9:11, 9:11] = 0.7  # the runner-up there (not background)
+    probabilities[3, 0:2, 9:11, 0:2] = 0.9  # two islands of a label that may have many parts
+    probabilities[3, 9:11, 0:2, 9:11] = 0.9
+    kept = largest_components_only(probabilities, (1, 2))
+    winner = kept.argmax(dim=0)
+    assert (winner == 1).sum() == 216
+    assert (winner[9:11, 9:11, 9:11] == 2).all()
+    assert (winner == 3).sum() == 16
+    assert torch.equal(probabilities[1, 9, 9, 9], torch.tensor(0.9))  # the caller's tensor is untouched
+    assert largest_components_only(probabilities, ()) is probabilities
