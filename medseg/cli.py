@@ -18,6 +18,7 @@ SUBCOMMAND_MODULES = (
     "medseg.commands.convert",
     "medseg.synth.command",
     "medseg.commands.train",
+    "medseg.commands.calibrate",
     "medseg.commands.import_bundle",
     "medseg.commands.run",
     "medseg.commands.demo",

@@ -208,6 +208,54 @@ def largest_components_only(probabilities: torch.Tensor, labels: Sequence[int]) 
     return kept
 
 
+def decision_scores(probabilities: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+    """What the label map's argmax is taken over: the (C, X, Y, Z) mean probabilities times each label's
+    ``decision_weight`` (``medseg.calibration``), then ``largest_components_only`` for one-piece organs.
+    A new tensor where anything changes; the reported probabilities stay the network's."""
+    weights = spec.decision_weights
+    if any(w != 1.0 for w in weights):
+        probabilities = probabilities * torch.tensor(weights, dtype=probabilities.dtype).view(-1, 1, 1, 1)
+    return largest_components_only(probabilities, spec.single_component_labels)
+
+
+def sample_on_grid(
+    image: torch.Tensor, model: Model, *, samples: int, seed: int, device: torch.device
+) -> tuple[torch.Tensor, MonteCarloSampler]:
+    """Monte-Carlo statistics of a (channels, X, Y, Z) image on the model grid: the blended window
+    output (its channels laid out as ``sampler.channels`` says, on the CPU) and the sampler, which holds
+    the per-structure sample statistics. ``infer`` and the calibration (``medseg.calibration``) share it,
+    so that decision weights are fitted on exactly the probabilities inference takes its argmax of."""
+    spec = model.spec
+    padded, crop = pad_to_roi(image[None], spec.inference.roi_size)
+    net = model.network.to(device)
+    set_dropout_sampling(net, enabled=samples > 1)  # eval mode; dropout sampling only for several samples
+    weights = _window_weights(padded.shape[2:], spec).to(device)
+    sampler = MonteCarloSampler(
+        net,
+        samples=samples,
+        stochastic=spec.uncertainty.stochastic,
+        num_classes=spec.num_classes,
+        weights=weights,
+        generator=torch.Generator().manual_seed(seed),
+        focal_labels=spec.focal_labels,
+    )
+    torch.manual_seed(seed)  # dropout inside the trunk (stochastic: all) draws from the global generator
+    autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
+    with torch.inference_mode(), autocast:
+        out = sliding_window_inference(
+            padded.to(device),
+            spec.inference.roi_size,
+            spec.inference.sw_batch_size,
+            sampler,
+            overlap=spec.inference.overlap,
+            mode="constant",
+            with_coord=True,
+        )
+    assert isinstance(out, torch.Tensor)
+    window: tuple[Any, ...] = (0, slice(None), *crop)
+    return out[window].float().cpu(), sampler
+
+
 def infer(
     volume: ImageVolume,
     model: Model,
@@ -236,36 +284,8 @@ def infer(
             stage(name)
 
     model_input = to_model(volume, spec)
-    image, crop = pad_to_roi(model_input.image[None], spec.inference.roi_size)
     mark("resample to model grid")
-
-    net = model.network.to(device)
-    set_dropout_sampling(net, enabled=n > 1)  # eval mode; dropout sampling only for several samples
-    weights = _window_weights(image.shape[2:], spec).to(device)
-    sampler = MonteCarloSampler(
-        net,
-        samples=n,
-        stochastic=spec.uncertainty.stochastic,
-        num_classes=spec.num_classes,
-        weights=weights,
-        generator=torch.Generator().manual_seed(seed),
-        focal_labels=spec.focal_labels,
-    )
-    torch.manual_seed(seed)  # dropout inside the trunk (stochastic: all) draws from the global generator
-    autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
-    with torch.inference_mode(), autocast:
-        out = sliding_window_inference(
-            image.to(device),
-            spec.inference.roi_size,
-            spec.inference.sw_batch_size,
-            sampler,
-            overlap=spec.inference.overlap,
-            mode="constant",
-            with_coord=True,
-        )
-    assert isinstance(out, torch.Tensor)
-    window: tuple[Any, ...] = (0, slice(None), *crop)
-    out = out[window].float().cpu()
+    out, sampler = sample_on_grid(model_input.image, model, samples=n, seed=seed, device=device)
     channels = sampler.channels
     mean_p = channels.mean(out)
     predictive = entropy(mean_p, dim=0)
@@ -291,9 +311,7 @@ def infer(
         log.warning("%s", notes[0])
     mark("network")
 
-    label_map = argmax_to_source(
-        largest_components_only(mean_p, spec.single_component_labels), model_input.grid
-    )
+    label_map = argmax_to_source(decision_scores(mean_p, spec), model_input.grid)
     entropy_map = map_to_source(predictive, model_input.grid)
     mi_map = map_to_source(mutual, model_input.grid)
     np.maximum(entropy_map, 0, out=entropy_map)

@@ -6,8 +6,9 @@ Folder layout (written by ``medseg train`` and ``medseg import-bundle``)::
     weights.pt        state dict of SegmentationNet
     provenance.json   training data, seed, command, metrics, weights SHA-256
 
-The Device UID (IHE AI Results) is derived from the weights' SHA-256, so it changes exactly when the
-weights change: a retrained or federated model gets a new one without anyone remembering to bump it.
+The Device UID (IHE AI Results) is derived from the weights' SHA-256 and the spec's decision weights
+(``medseg.calibration``), so it changes exactly when what the model outputs changes: a retrained,
+recalibrated or federated model gets a new one without anyone remembering to bump it.
 Shipped models live in ``medseg/shipped_models/<name>/``; any other folder can be given by path.
 """
 
@@ -45,10 +46,7 @@ class ModelProvenance:
     epochs: int = 0
     init_from: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def device_uid(self) -> str:
-        return deterministic_uid("medseg-model-weights", self.weights_sha256)
+    calibrated_by: str = ""  # the ``medseg calibrate`` command that fitted the decision weights, if any
 
 
 @dataclass(frozen=True)
@@ -60,11 +58,19 @@ class Model:
     provenance: ModelProvenance
     folder: Path
 
+    @property
+    def device_uid(self) -> str:
+        """From the weights' SHA-256, and the decision weights where any is not 1 (an uncalibrated model
+        keeps the UID it always had)."""
+        weights = self.spec.decision_weights
+        decision = (f"decision weights {weights}",) if any(w != 1.0 for w in weights) else ()
+        return deterministic_uid("medseg-model-weights", self.provenance.weights_sha256, *decision)
+
     def algorithm_identity(self) -> AlgorithmIdentity:
         return AlgorithmIdentity(
             name=self.spec.name,
             version=self.spec.version,
-            device_uid=self.provenance.device_uid,
+            device_uid=self.device_uid,
             software_version=f"medseg {__version__}",
             for_clinical_use=self.spec.for_clinical_use,
         )
@@ -72,7 +78,7 @@ class Model:
     def __repr__(self) -> str:
         return (
             f"Model({self.spec.name} {self.spec.version}, {self.spec.network.architecture}, "
-            f"{self.spec.num_classes - 1} labels, device_uid={self.provenance.device_uid})"
+            f"{self.spec.num_classes - 1} labels, device_uid={self.device_uid})"
         )
 
 

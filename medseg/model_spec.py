@@ -165,6 +165,9 @@ class LabelSpec(_Frozen):
     focal: bool = False  # lesion-like: reported as findings (connected components) too
     # one connected organ: predicted parts apart from its largest go to the next most probable class
     single_component: bool = False
+    # factor on this class's mean probability when the label map's argmax is taken (the probabilities,
+    # entropy and MI reported stay the network's); fitted by ``medseg calibrate`` (medseg.calibration)
+    decision_weight: Positive = 1.0
 
 
 class Stochastic(StrEnum):
@@ -245,6 +248,11 @@ class ModelSpec(_Frozen):
     def single_component_labels(self) -> tuple[int, ...]:
         """Values of the labels whose label map keeps only the largest connected part."""
         return tuple(label.value for label in self.labels if label.single_component)
+
+    @property
+    def decision_weights(self) -> tuple[float, ...]:
+        """Per output channel (background first, always 1) the factor applied before the argmax."""
+        return (1.0, *(label.decision_weight for label in self.labels))
 
     @property
     def focal_labels(self) -> tuple[int, ...]:

@@ -229,7 +229,7 @@ def run_pipeline(
         output=str(out_dir),
         model=model.spec.name,
         model_version=model.spec.version,
-        device_uid=model.provenance.device_uid,
+        device_uid=model.device_uid,
         samples=n,
         seed=model.spec.uncertainty.seed if seed is None else seed,
         profile=str(profile),

@@ -139,7 +139,7 @@ def main() -> None:
             {
                 "model": spec.name,
                 "version": spec.version,
-                "device_uid": model.provenance.device_uid,
+                "device_uid": model.device_uid,
                 "provenance": asdict(model.provenance),
                 "command": "python scripts/validate_default_model.py "
                 + " ".join(f"--{k} {v}" for k, v in vars(args).items() if v is not None),
@@ -152,7 +152,7 @@ def main() -> None:
         + "\n"
     )
     (REPORTS / f"{name}.md").write_text(
-        _markdown(model.spec.name, model.provenance.device_uid, evaluations, ceilings, args)
+        _markdown(model.spec.name, model.device_uid, evaluations, ceilings, args)
     )
     print(f"wrote {REPORTS / (name + '.md')}")
 

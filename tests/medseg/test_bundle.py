@@ -81,7 +81,7 @@ def test_imported_bundle_keeps_weights_and_samples_its_own_dropout(tmp_path: Pat
     for key, value in original.items():
         torch.testing.assert_close(loaded.network.trunk.state_dict()[key], value)
     assert loaded.provenance.source.startswith("bundle:") and loaded.provenance.training_data == "test data"
-    assert loaded.provenance.device_uid == model.provenance.device_uid
+    assert loaded.device_uid == model.device_uid
     prediction = infer(_volume(), loaded, samples=3, seed=1)
     assert prediction.label_map.shape == (16, 48, 48)
     assert float(prediction.mutual_information.max()) > 0  # the bundle's own dropout makes samples differ

@@ -361,7 +361,7 @@ def test_wrong_modality_is_refused(tmp_path: Path) -> None:
 def test_model_folder_detects_changed_weights(tmp_path: Path) -> None:
     model = _model(tmp_path)
     loaded = load_model(model.folder)
-    assert loaded.provenance.device_uid == model.provenance.device_uid
+    assert loaded.device_uid == model.device_uid
     (model.folder / "weights.pt").write_bytes((model.folder / "weights.pt").read_bytes() + b"x")
     with pytest.raises(ModelSpecError, match="SHA-256"):
         load_model(model.folder)

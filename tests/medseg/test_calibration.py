@@ -1,0 +1,123 @@
+"""Decision weights: the contested-voxel Dice, the fit on a biased prediction, the spec, the UID, the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from dicom_io.image_writer import deterministic_uid
+from medseg.calibration import ContestedVoxels, fit_decision_weights
+from medseg.cli import main
+from medseg.evaluation import dice_per_class
+from medseg.inference import decision_scores
+from medseg.model import SHIPPED_DIR, load_model
+from medseg.model_spec import ModelSpecError, parse_spec
+from medseg.synth import generate_dataset, load_site
+from tests.medseg.tiny_model import tiny_spec_data
+
+SPEC = parse_spec(tiny_spec_data(), "tiny")  # 8 labels, lesion (8) focal
+
+
+def _too_wide(seed: int, margin: float = 1.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two spheres (labels 1 and 2) whose predicted probability reaches ``margin`` voxels past their
+    true border, as a soft-Dice network draws them; every other class near zero."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.meshgrid(*(np.arange(24.0),) * 3, indexing="ij")
+    truth = np.zeros((24, 24, 24), dtype=np.int64)
+    probabilities = np.full((SPEC.num_classes, 24, 24, 24), 1e-3)
+    for label, centre in ((1, (7, 12, 12)), (2, (17, 12, 12))):
+        radius = rng.uniform(3.5, 5.0)
+        distance = np.sqrt((z - centre[0]) ** 2 + (y - centre[1]) ** 2 + (x - centre[2]) ** 2)
+        truth[distance <= radius] = label
+        probabilities[label] = 1 / (1 + np.exp((distance - radius - margin) / 0.8))
+    probabilities[0] = np.clip(1 - probabilities[1:].sum(axis=0), 1e-3, None)
+    probabilities /= probabilities.sum(axis=0, keepdims=True)
+    return torch.from_numpy(probabilities).float(), torch.from_numpy(truth)
+
+
+def test_contested_voxels_give_the_dice_of_the_whole_volume() -> None:
+    probabilities, truth = _too_wide(0)
+    contested = ContestedVoxels.from_case(probabilities, truth, max_ratio=1.5 / 0.35)
+    assert contested.truth.numel() < truth.numel() / 4  # only borders are kept
+    labels = list(range(1, SPEC.num_classes))
+    for weights in ([1.0] * 9, [1.0, 0.35, 1.5, 1, 1, 1, 1, 1, 1], [1.0, 1.5, 0.35, 1, 1, 1, 1, 1, 1]):
+        w = torch.tensor(weights)
+        whole = dice_per_class((probabilities * w[:, None, None, None]).argmax(0), truth, SPEC.num_classes)
+        np.testing.assert_allclose(contested.dice(w, labels), whole)
+
+
+def test_fit_moves_the_border_of_a_structure_drawn_too_wide_inwards() -> None:
+    cases = [_too_wide(seed) for seed in range(4)]
+    calibration = fit_decision_weights(cases, SPEC)
+    assert calibration.weights["Liver"] < 1 and calibration.weights["Spleen"] < 1
+    assert calibration.weights["Lung"] == 1.0  # absent everywhere: nothing to gain
+    assert "Lesion" not in calibration.weights  # focal labels keep 1
+    assert calibration.dice_after["Spleen"] > calibration.dice_before["Spleen"] + 0.03
+    assert calibration.mean_after > calibration.mean_before
+    spec = calibration.apply(SPEC)
+    assert spec.decision_weights[2] == calibration.weights["Spleen"] and spec.decision_weights[8] == 1.0
+    # applied at inference: the label map's argmax moves, the probabilities handed in stay as they were
+    probabilities, truth = cases[0]
+    before = probabilities.clone()
+    decided = decision_scores(probabilities, spec).argmax(0)
+    assert torch.equal(probabilities, before)
+    assert (decided == 2).sum() < (probabilities.argmax(0) == 2).sum()
+    assert dice_per_class(decided, truth, 3)[1] > dice_per_class(probabilities.argmax(0), truth, 3)[1]
+
+
+def test_a_well_drawn_structure_keeps_weight_one() -> None:
+    calibration = fit_decision_weights([_too_wide(seed, margin=0.0) for seed in range(4)], SPEC)
+    assert calibration.weights["Liver"] == 1.0 and calibration.weights["Spleen"] == 1.0
+
+
+def test_bad_calibration_input_is_refused() -> None:
+    with pytest.raises(ValueError, match="at least one case"):
+        fit_decision_weights([], SPEC)
+    with pytest.raises(ValueError, match="must be positive and include 1"):
+        fit_decision_weights([_too_wide(0)], SPEC, candidates=(0.5, 0.8))
+    data = tiny_spec_data()
+    data["labels"][1]["decision_weight"] = 0
+    with pytest.raises(ModelSpecError, match=r"labels\.1\.decision_weight"):
+        parse_spec(data, "bad")
+
+
+@pytest.mark.slow
+def test_cli_calibrates_a_trained_model_with_a_new_device_uid(tmp_path: Path) -> None:
+    dataset = tmp_path / "ds"
+    generate_dataset(dataset, [load_site("site_a")], 3, seed=2, matrix=64, slices=24)
+    data = tiny_spec_data(spacing_mm=8.0)
+    data["training"].update(patch_size=[32, 32, 32], batch_size=1, epochs=1, iterations_per_epoch=2)
+    spec_path = tmp_path / "tiny.yaml"
+    spec_path.write_text(yaml.safe_dump(data))
+    base, calibrated = tmp_path / "base", tmp_path / "calibrated"
+    assert main(["-q", "train", str(spec_path), str(dataset), "-o", str(base), "--seed", "1"]) == 0
+    args = ["-q", "calibrate", str(base), str(dataset), "-o", str(calibrated), "--samples", "2"]
+    assert main(args) == 0
+    before, after = load_model(base), load_model(calibrated)
+    assert after.provenance.weights_sha256 == before.provenance.weights_sha256
+    assert after.provenance.calibrated_by.startswith("medseg ")
+    assert (
+        after.provenance.metrics["val_dice_calibrated"]
+        >= after.provenance.metrics["val_dice_before_calibration"]
+    )
+    changed = any(w != 1.0 for w in after.spec.decision_weights)
+    assert (after.device_uid != before.device_uid) == changed
+    assert main(["-q", "calibrate", str(base), str(dataset), "-o", str(base)]) == 2  # never in place
+    assert main(["-q", "calibrate", str(base), str(tmp_path / "nope"), "-o", str(tmp_path / "x")]) == 2
+
+
+def test_device_uid_changes_with_the_decision_weights_only() -> None:
+    model = load_model(SHIPPED_DIR / "default_ct")
+    assert model.device_uid == load_model(SHIPPED_DIR / "default_ct").device_uid
+    if all(w == 1.0 for w in model.spec.decision_weights):  # an uncalibrated model keeps its old UID
+        expected = deterministic_uid("medseg-model-weights", model.provenance.weights_sha256)
+        assert model.device_uid == expected
+    labels = list(model.spec.labels)
+    labels[1] = labels[1].model_copy(update={"decision_weight": labels[1].decision_weight * 0.9})
+    recalibrated = replace(model, spec=model.spec.model_copy(update={"labels": tuple(labels)}))
+    assert recalibrated.device_uid != model.device_uid
