@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -106,11 +106,16 @@ class Calibration:
 
     def apply(self, spec: ModelSpec) -> ModelSpec:
         """``spec`` with each label's ``decision_weight`` set to the fitted one."""
-        labels = tuple(
-            label.model_copy(update={"decision_weight": self.weights.get(label.name, label.decision_weight)})
-            for label in spec.labels
-        )
-        return spec.model_copy(update={"labels": labels})
+        return with_decision_weights(spec, self.weights)
+
+
+def with_decision_weights(spec: ModelSpec, weights: Mapping[str, float]) -> ModelSpec:
+    """``spec`` with the ``decision_weight`` of each label named in ``weights`` replaced."""
+    labels = tuple(
+        label.model_copy(update={"decision_weight": weights.get(label.name, label.decision_weight)})
+        for label in spec.labels
+    )
+    return spec.model_copy(update={"labels": labels})
 
 
 def _objective(cases: Sequence[ContestedVoxels], weights: torch.Tensor, labels: Sequence[int]) -> float:

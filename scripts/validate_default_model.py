@@ -25,6 +25,7 @@ import numpy as np
 
 from dicom_io.image_writer import deterministic_uid
 from dicom_io.volume import GeometryReport, ImageVolume, IntensityUnit, Modality, SeriesContext
+from medseg.calibration import with_decision_weights
 from medseg.evaluation import (
     CaseEvaluation,
     at_threshold,
@@ -37,8 +38,9 @@ from medseg.evaluation import (
     sensitivity_at,
     wilson_interval,
 )
-from medseg.inference import infer
+from medseg.inference import Prediction, decision_scores, infer
 from medseg.model import load_model
+from medseg.preprocess import argmax_to_source
 from medseg.synth import SynthCase, load_site, synthesize_case
 from medseg.synth.artefacts import Artefact, inject
 
@@ -94,8 +96,12 @@ def main() -> None:
     spec = model.spec
     evaluations: list[CaseEvaluation] = []
     ceilings: dict[str, list[dict[str, float]]] = {site: [] for site in TRAINING_SITES}
+    # the clean cases' Dice with every decision weight at 1, when the model has any other (its effect)
+    unweighted_spec = with_decision_weights(spec, {label.name: 1.0 for label in spec.labels})
+    calibrated = unweighted_spec != spec
+    unweighted: dict[str, list[dict[str, float]]] = {site: [] for site in TRAINING_SITES}
 
-    def run(case: SynthCase, image: np.ndarray, site: str, condition: str) -> None:
+    def run(case: SynthCase, image: np.ndarray, site: str, condition: str) -> Prediction:
         started = time.perf_counter()
         prediction = infer(_volume(image, case.affine, case.case_id), model, samples=args.samples)
         evaluation = evaluate_prediction(
@@ -115,11 +121,17 @@ def main() -> None:
             f"{len(prediction.lesions)} findings, {len(case.lesions)} lesions",
             flush=True,
         )
+        return prediction
 
     for site in TRAINING_SITES:
         for index in range(args.cases):
             case = synthesize_case(load_site(site), args.seed, index, slices=args.slices)
-            run(case, case.image, site, "clean")
+            prediction = run(case, case.image, site, "clean")
+            if calibrated:
+                label_map = argmax_to_source(
+                    decision_scores(prediction.mean_probabilities, unweighted_spec), prediction.grid
+                )
+                unweighted[site].append(dice_scores(label_map, case.labels, spec))
             through_grid = grid_round_trip(case.labels, case.affine, spec)
             ceilings[site].append(dice_scores(through_grid, case.labels, spec))
             if index == 0:
@@ -145,6 +157,7 @@ def main() -> None:
                 + " ".join(f"--{k} {v}" for k, v in vars(args).items() if v is not None),
                 "cases": [asdict(e) for e in evaluations],
                 "grid_ceiling": ceilings,  # per clean case: Dice of the truth through the model grid
+                "without_decision_weights": unweighted if calibrated else None,  # per clean case
             },
             indent=1,
             default=lambda value: value.tolist(),  # the numpy arrays of each case's lesion findings
@@ -152,7 +165,7 @@ def main() -> None:
         + "\n"
     )
     (REPORTS / f"{name}.md").write_text(
-        _markdown(model.spec.name, model.device_uid, evaluations, ceilings, args)
+        _markdown(model.spec.name, model.device_uid, evaluations, ceilings, unweighted, args)
     )
     print(f"wrote {REPORTS / (name + '.md')}")
 
@@ -162,6 +175,7 @@ def _markdown(
     device_uid: str,
     evaluations: list[CaseEvaluation],
     ceilings: dict[str, list[dict[str, float]]],
+    unweighted: dict[str, list[dict[str, float]]],
     args: argparse.Namespace,
 ) -> str:
     labels = list(evaluations[0].dice)
@@ -193,6 +207,14 @@ def _markdown(
         + " | ".join("{:.3f}-{:.3f}".format(*bootstrap_interval([e.dice[k] for e in clean])) for k in labels)
         + " |"
     )
+    if any(unweighted.values()):
+        every = [d for site in TRAINING_SITES for d in unweighted[site]]
+        for site, rows in (*((s, unweighted[s]) for s in TRAINING_SITES), ("all", every)):
+            lines.append(
+                f"| {site}, decision weights all 1 | "
+                + " | ".join(f"{_nanmean([d[k] for d in rows]):.3f}" for k in labels)
+                + " |"
+            )
     for site in TRAINING_SITES:
         lines.append(
             f"| {site}, truth through the grid | "
@@ -206,7 +228,13 @@ def _markdown(
         "(`grid_round_trip`); about what a network that learned its training labels exactly would "
         "score, so the gap between a site's row and this one is the network's. A site above it (bone, "
         "lung) gains from the network's soft output, which resolves thin structures that "
-        "nearest-neighbour training labels lose.",
+        "nearest-neighbour training labels lose."
+        + (
+            " Decision weights all 1: the same predictions with the label map taken from the network's "
+            "probabilities as they are, without the model's fitted decision weights (`medseg calibrate`)."
+            if any(unweighted.values())
+            else ""
+        ),
         "",
         "## Lesion detection (findings of the Monte-Carlo lesion channel), clean cases",
         "",
