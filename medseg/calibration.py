@@ -9,9 +9,12 @@ and stored in the spec as ``labels[].decision_weight``, which ``medseg.inference
 The probabilities, entropy and mutual information reported stay the network's.
 
 The fit is coordinate ascent over a fixed grid of factors, maximising the mean over cases of each case's
-mean Dice over the non-focal structures on the model grid, with the Monte-Carlo mean probabilities
-inference uses (``medseg.inference.sample_on_grid``). Lesion-like (focal) labels keep 1: their findings
-come from the probabilities, and their Dice on a few voxels would make the fit noisy. Only the voxels whose
+mean Dice over the non-focal structures on the source grid, with the Monte-Carlo mean probabilities
+inference uses (``medseg.inference.sample_on_grid``) interpolated there as the label map is. (A first
+version fitted on the model grid against nearest-neighbour labels: on the val split that moved every
+organ inwards, and on held-out cases it lowered liver and kidneys on the source grid.) Lesion-like (focal)
+labels keep 1: their findings come from the probabilities, and their Dice on a few voxels would make the
+fit noisy. Only the voxels whose
 winner some factor on the grid could change are kept per case (a few per cent: borders), so a fit over
 dozens of cases takes seconds. The one-piece step (``largest_components_only``) is left out of the fit; it
 removes islands, which the factors hardly move.
@@ -32,8 +35,9 @@ import torch
 from medseg.inference import sample_on_grid
 from medseg.model import Model, save_model
 from medseg.model_spec import ModelSpec
-from medseg.synth.dataset import Split, load_dataset
-from medseg.training import TrainingCase, load_cases
+from medseg.preprocess import map_to_source, to_model
+from medseg.synth.dataset import Split, SynthDataset, load_dataset
+from medseg.training import read_labelled_case
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +62,7 @@ class ContestedVoxels:
 
     @classmethod
     def from_case(cls, probabilities: torch.Tensor, truth: torch.Tensor, max_ratio: float) -> ContestedVoxels:
-        """``probabilities`` (C, X, Y, Z) and ``truth`` (X, Y, Z) on the model grid; ``max_ratio`` the
+        """``probabilities`` (C, ...) and ``truth`` (...) on one grid; ``max_ratio`` the
         largest ratio of two candidate weights."""
         num_classes = probabilities.shape[0]
         flat = probabilities.reshape(num_classes, -1).float()
@@ -95,7 +99,7 @@ class ContestedVoxels:
 
 @dataclass(frozen=True)
 class Calibration:
-    """Fitted decision weights and the validation Dice (model grid) before and after, per structure."""
+    """Fitted decision weights and the validation Dice (source grid) before and after, per structure."""
 
     weights: dict[str, float]
     cases: int
@@ -135,23 +139,29 @@ def _per_structure(
     }
 
 
+def candidate_ratio(spec: ModelSpec, candidates: Sequence[float] = CANDIDATE_WEIGHTS) -> float:
+    """The largest ratio of two weights the fit can try (``ContestedVoxels.from_case``'s ``max_ratio``)."""
+    if any(w <= 0 for w in candidates) or 1.0 not in candidates:
+        raise ValueError(f"candidate weights {tuple(candidates)} must be positive and include 1")
+    weights = (*candidates, *spec.decision_weights)
+    return max(weights) / min(weights)
+
+
 def fit_decision_weights(
-    cases: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    cases: Sequence[ContestedVoxels],
     spec: ModelSpec,
     *,
     candidates: Sequence[float] = CANDIDATE_WEIGHTS,
     rounds: int = 2,
 ) -> Calibration:
-    """Fit each non-focal label's decision weight on ``cases``: (mean probabilities (C, X, Y, Z), truth
-    (X, Y, Z)) on the model grid. Starts from the weights ``spec`` has."""
+    """Fit each non-focal label's decision weight on ``cases`` (made with ``candidate_ratio(spec,
+    candidates)``). Starts from the weights ``spec`` has."""
     if not cases:
         raise ValueError("calibration needs at least one case with ground truth")
-    if any(w <= 0 for w in candidates) or 1.0 not in candidates:
-        raise ValueError(f"candidate weights {tuple(candidates)} must be positive and include 1")
+    candidate_ratio(spec, candidates)
     labels = [label.value for label in spec.labels if not label.focal]
     current = list(spec.decision_weights)
-    lo, hi = min(min(candidates), *current[1:]), max(max(candidates), *current[1:])
-    contested = [ContestedVoxels.from_case(p, t, hi / lo) for p, t in cases]
+    contested = cases
     start = torch.tensor(current)
     best = _objective(contested, start, labels)
     before = best
@@ -180,25 +190,40 @@ def fit_decision_weights(
 
 def calibration_cases(
     model: Model,
-    cases: Sequence[TrainingCase],
+    dataset: SynthDataset,
     *,
+    sites: Sequence[str] = (),
     samples: int | None = None,
     device: torch.device | None = None,
+    candidates: Sequence[float] = CANDIDATE_WEIGHTS,
     progress: ProgressCallback | None = None,
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The Monte-Carlo mean probabilities of ``model`` on each case (as ``infer`` computes them, with the
-    spec's sampling seed) beside the case's labels, both on the model grid."""
+) -> list[ContestedVoxels]:
+    """The val split's cases reduced to their contested voxels on the source grid: ``model``'s
+    Monte-Carlo mean probabilities (as ``infer`` computes them, with the spec's sampling seed), each class
+    interpolated onto the source grid as the label map is, beside the case's labels."""
     spec = model.spec
     n = spec.uncertainty.samples if samples is None else samples
     device = device or next(model.network.parameters()).device
-    out = []
-    for i, case in enumerate(cases):
-        window_output, sampler = sample_on_grid(
-            case.image, model, samples=n, seed=spec.uncertainty.seed, device=device
+    ratio = candidate_ratio(spec, candidates)
+    entries = [e for e in dataset.manifest.select(split=Split.VAL) if not sites or e.site in sites]
+    if not entries:
+        raise ValueError(
+            f"dataset {dataset.manifest_path}: no val cases{' for ' + ', '.join(sites) if sites else ''}"
         )
-        out.append((sampler.channels.mean(window_output).half(), case.labels[0]))
+    out = []
+    for i, entry in enumerate(entries):
+        volume, labels = read_labelled_case(dataset, entry)
+        model_input = to_model(volume, spec)
+        window_output, sampler = sample_on_grid(
+            model_input.image, model, samples=n, seed=spec.uncertainty.seed, device=device
+        )
+        mean_p = sampler.channels.mean(window_output)
+        on_source = torch.stack(
+            [torch.from_numpy(map_to_source(channel, model_input.grid)) for channel in mean_p]
+        )
+        out.append(ContestedVoxels.from_case(on_source, torch.from_numpy(labels.astype(np.int64)), ratio))
         if progress:
-            progress(i + 1, len(cases))
+            progress(i + 1, len(entries))
     return out
 
 
@@ -218,10 +243,10 @@ def calibrate(
     and the validation Dice before and after; its Device UID is new)."""
     if output.resolve() == model.folder.resolve():
         raise ValueError(f"output {output} is the model's own folder; write the calibrated model to another")
-    cases = load_cases(load_dataset(dataset_path), model.spec, Split.VAL, sites=sites)
-    calibration = fit_decision_weights(
-        calibration_cases(model, cases, samples=samples, device=device, progress=progress), model.spec
+    cases = calibration_cases(
+        model, load_dataset(dataset_path), sites=sites, samples=samples, device=device, progress=progress
     )
+    calibration = fit_decision_weights(cases, model.spec)
     metrics = {
         **model.provenance.metrics,
         "val_dice_before_calibration": calibration.mean_before,

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss, DiceFocalLoss
@@ -37,13 +38,13 @@ from monai.transforms import (
 from torch import nn
 
 from dicom_io.reader import read_volume
-from dicom_io.volume import Modality
+from dicom_io.volume import ImageVolume, Modality
 from medseg.evaluation import dice_per_class
 from medseg.model import Model, ModelProvenance, load_model, save_model
 from medseg.model_spec import IntensityKind, ModelSpec, TrainingSpec
 from medseg.networks import SegmentationNet
 from medseg.preprocess import align_to_volume, labels_to_model, to_model
-from medseg.synth.dataset import Split, SynthDataset, load_dataset, load_label_map
+from medseg.synth.dataset import CaseEntry, Split, SynthDataset, load_dataset, load_label_map
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,15 @@ class TrainingCase:
     labels: torch.Tensor
 
 
+def read_labelled_case(
+    dataset: SynthDataset, entry: CaseEntry
+) -> tuple[ImageVolume, npt.NDArray[np.integer]]:
+    """A dataset case's volume (read by dicom_io) and its label map on the volume's grid."""
+    volume = read_volume(dataset.image_dir(entry))
+    stored, label_affine = load_label_map(dataset.label_map(entry))
+    return volume, align_to_volume(stored, label_affine, volume, what=f"case {entry.case_id}")
+
+
 def load_cases(
     dataset: SynthDataset, spec: ModelSpec, split: Split, *, sites: Sequence[str] = ()
 ) -> list[TrainingCase]:
@@ -69,9 +79,7 @@ def load_cases(
     for entry in dataset.manifest.select(split=split):
         if sites and entry.site not in sites:
             continue
-        volume = read_volume(dataset.image_dir(entry))
-        stored, label_affine = load_label_map(dataset.label_map(entry))
-        labels = align_to_volume(stored, label_affine, volume, what=f"case {entry.case_id}")
+        volume, labels = read_labelled_case(dataset, entry)
         model_input = to_model(volume, spec)
         cases.append(
             TrainingCase(

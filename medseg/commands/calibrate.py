@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
             progress=progress,
         )
     console = Console(quiet=args.quiet)
-    table = Table(title=f"decision weights on {calibration.cases} val cases (Dice on the model grid)")
+    table = Table(title=f"decision weights on {calibration.cases} val cases (Dice on the source grid)")
     for column in ("structure", "weight", "Dice before", "Dice after"):
         table.add_column(column)
     for name, weight in calibration.weights.items():

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from dicom_io.image_writer import deterministic_uid
-from medseg.calibration import ContestedVoxels, fit_decision_weights
+from medseg.calibration import ContestedVoxels, candidate_ratio, fit_decision_weights
 from medseg.cli import main
 from medseg.evaluation import dice_per_class
 from medseg.inference import decision_scores
@@ -40,9 +40,14 @@ def _too_wide(seed: int, margin: float = 1.5) -> tuple[torch.Tensor, torch.Tenso
     return torch.from_numpy(probabilities).float(), torch.from_numpy(truth)
 
 
+def _contested(seed: int, margin: float = 1.5) -> ContestedVoxels:
+    return ContestedVoxels.from_case(*_too_wide(seed, margin), max_ratio=candidate_ratio(SPEC))
+
+
 def test_contested_voxels_give_the_dice_of_the_whole_volume() -> None:
     probabilities, truth = _too_wide(0)
-    contested = ContestedVoxels.from_case(probabilities, truth, max_ratio=1.5 / 0.35)
+    contested = ContestedVoxels.from_case(probabilities, truth, max_ratio=candidate_ratio(SPEC))
+    assert candidate_ratio(SPEC) == pytest.approx(1.5 / 0.35)
     assert contested.truth.numel() < truth.numel() / 4  # only borders are kept
     labels = list(range(1, SPEC.num_classes))
     for weights in ([1.0] * 9, [1.0, 0.35, 1.5, 1, 1, 1, 1, 1, 1], [1.0, 1.5, 0.35, 1, 1, 1, 1, 1, 1]):
@@ -52,8 +57,7 @@ def test_contested_voxels_give_the_dice_of_the_whole_volume() -> None:
 
 
 def test_fit_moves_the_border_of_a_structure_drawn_too_wide_inwards() -> None:
-    cases = [_too_wide(seed) for seed in range(4)]
-    calibration = fit_decision_weights(cases, SPEC)
+    calibration = fit_decision_weights([_contested(seed) for seed in range(4)], SPEC)
     assert calibration.weights["Liver"] < 1 and calibration.weights["Spleen"] < 1
     assert calibration.weights["Lung"] == 1.0  # absent everywhere: nothing to gain
     assert "Lesion" not in calibration.weights  # focal labels keep 1
@@ -62,7 +66,7 @@ def test_fit_moves_the_border_of_a_structure_drawn_too_wide_inwards() -> None:
     spec = calibration.apply(SPEC)
     assert spec.decision_weights[2] == calibration.weights["Spleen"] and spec.decision_weights[8] == 1.0
     # applied at inference: the label map's argmax moves, the probabilities handed in stay as they were
-    probabilities, truth = cases[0]
+    probabilities, truth = _too_wide(0)
     before = probabilities.clone()
     decided = decision_scores(probabilities, spec).argmax(0)
     assert torch.equal(probabilities, before)
@@ -71,7 +75,7 @@ def test_fit_moves_the_border_of_a_structure_drawn_too_wide_inwards() -> None:
 
 
 def test_a_well_drawn_structure_keeps_weight_one() -> None:
-    calibration = fit_decision_weights([_too_wide(seed, margin=0.0) for seed in range(4)], SPEC)
+    calibration = fit_decision_weights([_contested(seed, margin=0.0) for seed in range(4)], SPEC)
     assert calibration.weights["Liver"] == 1.0 and calibration.weights["Spleen"] == 1.0
 
 
@@ -79,7 +83,7 @@ def test_bad_calibration_input_is_refused() -> None:
     with pytest.raises(ValueError, match="at least one case"):
         fit_decision_weights([], SPEC)
     with pytest.raises(ValueError, match="must be positive and include 1"):
-        fit_decision_weights([_too_wide(0)], SPEC, candidates=(0.5, 0.8))
+        fit_decision_weights([_contested(0)], SPEC, candidates=(0.5, 0.8))
     data = tiny_spec_data()
     data["labels"][1]["decision_weight"] = 0
     with pytest.raises(ModelSpecError, match=r"labels\.1\.decision_weight"):
