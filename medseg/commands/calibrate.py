@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 from pathlib import Path
 
 
@@ -44,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
             args.output,
             samples=args.samples,
             sites=args.site,
-            command=shlex.join(["medseg", *sys.argv[1:]]),
+            command=args.command_line,
             progress=progress,
         )
     console = Console(quiet=args.quiet)

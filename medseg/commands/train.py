@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 from pathlib import Path
 
 
@@ -69,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
             resume=args.resume,
             sites=args.site,
             device=choose_device(args.device),
-            command=shlex.join(["medseg", *sys.argv[1:]]),
+            command=args.command_line,
             progress=lambda done, total, status: bar.update(
                 task, completed=done, total=total, description=status
             ),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -122,6 +123,7 @@ def test_cli_fine_tunes_with_frozen_encoder(tmp_path: Path, tiny_dataset: Path) 
     ]
     assert main(args) == 0
     assert load_model(tuned).provenance.init_from == str(base)
+    assert load_model(tuned).provenance.command == shlex.join(["medseg", *args])
     assert (
         main(["-q", "train", str(spec), str(tiny_dataset), "-o", str(tmp_path / "x"), "--freeze-encoder"])
         == 2
