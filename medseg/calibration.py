@@ -37,7 +37,7 @@ from medseg.model import Model, save_model
 from medseg.model_spec import ModelSpec
 from medseg.preprocess import map_to_source, to_model
 from medseg.synth.dataset import Split, SynthDataset, load_dataset
-from medseg.training import read_labelled_case
+from medseg.training import read_labelled_case, split_entries
 
 log = logging.getLogger(__name__)
 
@@ -161,9 +161,8 @@ def fit_decision_weights(
     candidate_ratio(spec, candidates)
     labels = [label.value for label in spec.labels if not label.focal]
     current = list(spec.decision_weights)
-    contested = cases
     start = torch.tensor(current)
-    best = _objective(contested, start, labels)
+    best = _objective(cases, start, labels)
     before = best
     for _ in range(rounds):
         changed = False
@@ -171,7 +170,7 @@ def fit_decision_weights(
             for w in candidates:
                 trial = list(current)
                 trial[label] = w
-                score = _objective(contested, torch.tensor(trial), labels)
+                score = _objective(cases, torch.tensor(trial), labels)
                 if score > best + MIN_GAIN:
                     best, current, changed = score, trial, True
         if not changed:
@@ -183,8 +182,8 @@ def fit_decision_weights(
         cases=len(cases),
         mean_before=before,
         mean_after=best,
-        dice_before=_per_structure(contested, start, labels, spec),
-        dice_after=_per_structure(contested, fitted, labels, spec),
+        dice_before=_per_structure(cases, start, labels, spec),
+        dice_after=_per_structure(cases, fitted, labels, spec),
     )
 
 
@@ -205,11 +204,7 @@ def calibration_cases(
     n = spec.uncertainty.samples if samples is None else samples
     device = device or next(model.network.parameters()).device
     ratio = candidate_ratio(spec, candidates)
-    entries = [e for e in dataset.manifest.select(split=Split.VAL) if not sites or e.site in sites]
-    if not entries:
-        raise ValueError(
-            f"dataset {dataset.manifest_path}: no val cases{' for ' + ', '.join(sites) if sites else ''}"
-        )
+    entries = split_entries(dataset, Split.VAL, sites)
     out = []
     for i, entry in enumerate(entries):
         volume, labels = read_labelled_case(dataset, entry)

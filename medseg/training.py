@@ -71,24 +71,28 @@ def read_labelled_case(
     return volume, align_to_volume(stored, label_affine, volume, what=f"case {entry.case_id}")
 
 
+def split_entries(dataset: SynthDataset, split: Split, sites: Sequence[str] = ()) -> list[CaseEntry]:
+    """The manifest's cases of one split (optionally only some sites); an error when there are none."""
+    entries = [e for e in dataset.manifest.select(split=split) if not sites or e.site in sites]
+    if not entries:
+        raise ValueError(
+            f"dataset {dataset.manifest_path}: no {split} cases{' for ' + ', '.join(sites) if sites else ''}"
+        )
+    return entries
+
+
 def load_cases(
     dataset: SynthDataset, spec: ModelSpec, split: Split, *, sites: Sequence[str] = ()
 ) -> list[TrainingCase]:
     """Read the cases of one split (optionally only some sites) onto the model grid."""
     cases = []
-    for entry in dataset.manifest.select(split=split):
-        if sites and entry.site not in sites:
-            continue
+    for entry in split_entries(dataset, split, sites):
         volume, labels = read_labelled_case(dataset, entry)
         model_input = to_model(volume, spec)
         cases.append(
             TrainingCase(
                 entry.case_id, entry.site, model_input.image, labels_to_model(labels, model_input.grid)
             )
-        )
-    if not cases:
-        raise ValueError(
-            f"dataset {dataset.manifest_path}: no {split} cases{' for ' + ', '.join(sites) if sites else ''}"
         )
     return cases
 
