@@ -1,14 +1,14 @@
-"""Lesion-level FROC of a trained detector on a dataset split (issue target: sensitivity >= 0.8 at 1 FP/scan
-for lesions >= 10 mm).
+"""Lesion-level FROC of a model's lesion findings on a dataset split, detector against lesion channel
+(issue target: sensitivity >= 0.8 at 1 FP/scan for lesions >= 10 mm).
 
-Each case is read with ``dicom_io``, brought onto the model grid with the preprocessing recorded with
-the detector (grid and CT window of its training cases, even if the model spec has changed since) and
-run through ``medseg.detection.detect`` (Monte-Carlo samples, seeded). A finding hits a ground-truth
-lesion when its centre lies in the lesion's box or their boxes overlap with IoU >= 0.1 (LPS mm).
-Sweeping the finding score gives sensitivity against false positives per scan; for the ">= 10 mm" row,
-findings that hit only smaller lesions are ignored (neither hit nor false positive).
+Each case is read with ``dicom_io`` and run through ``medseg.inference.infer`` (Monte-Carlo samples,
+seeded), which gives both the findings of the model's lesion detector (``medseg train-detector``) and
+those of its segmentation's lesion channel, from the same samples: both are scored on the same scans.
+A finding hits a ground-truth lesion when its centre lies in the lesion's box or their boxes overlap with
+IoU >= 0.1 (LPS mm). Sweeping the finding score gives sensitivity against false positives per scan; for
+the ">= 10 mm" rows, findings that hit only smaller lesions are ignored (neither hit nor false positive).
 
-    .venv/bin/python benchmarks/eval_detection.py DATASET DETECTOR_DIR [--split test] [--samples 10]
+    .venv/bin/python benchmarks/eval_detection.py DATASET MODEL [--split test] [--samples 10]
 """
 
 from __future__ import annotations
@@ -26,36 +26,37 @@ from medseg.evaluation import ScanFindings, froc, sensitivity_at
 log = logging.getLogger("eval_detection")
 
 FP_RATES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+SOURCES = ("detector", "lesion channel")
 
 
 def evaluate(
-    dataset_path: Path, detector_dir: Path, split: str, samples: int, seed: int
-) -> list[ScanFindings]:
+    dataset_path: Path, model_name: str, split: str, samples: int | None, sites: list[str]
+) -> dict[str, list[ScanFindings]]:
+    """Per source, one ``ScanFindings`` per case of the split."""
     from dicom_io.reader import read_volume
-    from medseg.detection import DetectionError, detect, load_detector
-    from medseg.model_spec import MODELS_DIR, load_spec
-    from medseg.preprocess import to_model
-    from medseg.synth.dataset import load_dataset, load_lesions
+    from medseg.inference import infer
+    from medseg.model import load_model
+    from medseg.synth.dataset import Split, load_dataset, load_lesions
+    from medseg.training import split_entries
 
-    trained = load_detector(detector_dir)
-    name = trained.provenance.preprocessing_model or "default_ct"
-    model_spec = trained.input_spec(load_spec(MODELS_DIR / f"{name}.yaml"))
+    model = load_model(model_name)
+    if model.detector is None:
+        raise ValueError(f"model {model_name} has no lesion detector; train one with medseg train-detector")
     dataset = load_dataset(dataset_path)
-    entries = dataset.manifest.select(split=split)
-    if not entries:
-        raise DetectionError(f"dataset {dataset.manifest_path}: no {split} cases")
-    log.info("%r; %d %s cases, %d samples, seed %d", trained, len(entries), split, samples, seed)
-    results = []
+    entries = split_entries(dataset, Split(split), sites)
+    log.info("%r; %d %s cases", model, len(entries), split)
+    results: dict[str, list[ScanFindings]] = {source: [] for source in SOURCES}
     for entry in entries:
         started = time.perf_counter()
-        model_input = to_model(read_volume(dataset.image_dir(entry)), model_spec)
-        findings = detect(trained.detector, model_input, trained.spec, samples, seed)
+        prediction = infer(read_volume(dataset.image_dir(entry)), model, samples=samples)
         lesions = load_lesions(dataset.lesions(entry)).lesions
-        results.append(ScanFindings.of(entry.case_id, findings, lesions))
+        results["detector"].append(ScanFindings.of(entry.case_id, prediction.lesions, lesions))
+        results["lesion channel"].append(ScanFindings.of(entry.case_id, prediction.channel_lesions, lesions))
         log.info(
-            "%s: %d findings, %d lesions, %.1f s",
+            "%s: %d detector findings, %d channel findings, %d lesions, %.1f s",
             entry.case_id,
-            len(findings),
+            len(prediction.lesions),
+            len(prediction.channel_lesions),
             len(lesions),
             time.perf_counter() - started,
         )
@@ -65,52 +66,49 @@ def evaluate(
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dataset", type=Path, help="dataset folder or manifest.json")
-    parser.add_argument("detector", type=Path, help="folder with detector.pt and detector.json")
+    parser.add_argument("model", help="model name or folder with a lesion detector")
     parser.add_argument("--split", default="test")
+    parser.add_argument("--site", action="append", default=[], help="only these sites (repeatable)")
     parser.add_argument("--samples", type=int, default=None, help="Monte-Carlo samples (default: the spec's)")
-    parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: the spec's)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
 
-    import torch
+    from dicom_io.errors import DicomIOError
 
-    from medseg.detection import DetectionError, load_detector
-
-    torch.set_num_threads(args.threads)
     try:
-        spec = load_detector(args.detector).spec
-        samples = args.samples or spec.samples
-        seed = spec.seed if args.seed is None else args.seed
-        results = evaluate(args.dataset, args.detector, args.split, samples, seed)
-    except (DetectionError, ValueError, OSError) as err:
+        results = evaluate(args.dataset, args.model, args.split, args.samples, args.site)
+    except (DicomIOError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
     rows: list[dict[str, Any]] = []
-    header = ["lesions", "n", *(f"sens@{r:g}FP" for r in FP_RATES), "thr@1FP"]
-    for label, min_mm in ((">= 10 mm", 10.0), ("all", 0.0)):
-        points, total = froc(results, min_mm)
-        sens = [sensitivity_at(points, r) for r in FP_RATES]
-        rows.append(
-            {
-                "lesions": label,
-                "count": total,
-                "sensitivity": {f"{r:g}": p.sensitivity for r, p in zip(FP_RATES, sens, strict=True)},
-                "threshold_at_1fp": sensitivity_at(points, 1.0).threshold,
-            }
-        )
-    print(f"split {args.split}: {len(results)} scans, {samples} samples, seed {seed}")
-    print("  ".join(f"{h:>10}" for h in header))
+    for source, scans in results.items():
+        for label, min_mm in ((">= 10 mm", 10.0), ("all", 0.0)):
+            points, total = froc(scans, min_mm)
+            sens = [sensitivity_at(points, r) for r in FP_RATES]
+            rows.append(
+                {
+                    "source": source,
+                    "lesions": label,
+                    "count": total,
+                    "sensitivity": {f"{r:g}": p.sensitivity for r, p in zip(FP_RATES, sens, strict=True)},
+                    "threshold_at_1fp": sensitivity_at(points, 1.0).threshold,
+                }
+            )
+    count = len(results["detector"])
+    print(f"split {args.split}: {count} scans, samples {args.samples or 'as the spec'}")
+    header = ["source", "lesions", "n", *(f"sens@{r:g}FP" for r in FP_RATES), "thr@1FP"]
+    print("  ".join(f"{h:>14}" for h in header))
     for row in rows:
-        cells = [row["lesions"], str(row["count"]), *(f"{v:.3f}" for v in row["sensitivity"].values())]
+        cells = [row["source"], row["lesions"], str(row["count"])]
+        cells += [f"{v:.3f}" for v in row["sensitivity"].values()]
         cells.append(f"{row['threshold_at_1fp']:.3f}")
-        print("  ".join(f"{c:>10}" for c in cells))
+        print("  ".join(f"{c:>14}" for c in cells))
     if args.json:
         args.json.write_text(
-            json.dumps({"split": args.split, "samples": samples, "seed": seed, "rows": rows}, indent=1)
+            json.dumps({"split": args.split, "samples": args.samples, "rows": rows}, indent=1) + "\n"
         )
     return 0
 

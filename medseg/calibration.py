@@ -248,5 +248,6 @@ def calibrate(
         "val_dice_calibrated": calibration.mean_after,
     }
     provenance = replace(model.provenance, calibrated_by=command, metrics=metrics)
-    saved = save_model(output, calibration.apply(model.spec), model.network, provenance)
+    # a detector stays valid: the focal labels' weights are always 1, so its guide is unchanged
+    saved = save_model(output, calibration.apply(model.spec), model.network, provenance, model.detector)
     return saved, calibration

@@ -20,6 +20,7 @@ SUBCOMMAND_MODULES = (
     "medseg.synth.command",
     "medseg.commands.train",
     "medseg.commands.calibrate",
+    "medseg.commands.train_detector",
     "medseg.commands.import_bundle",
     "medseg.commands.run",
     "medseg.commands.demo",

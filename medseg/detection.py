@@ -90,7 +90,10 @@ class DetectionSpec(BaseModel):
     anchor_shapes: tuple[Shape3, ...] = ((4, 4, 4), (6, 6, 6))
     feature_map_scales: tuple[int, ...] = (1, 2, 4)
     spacing_mm: tuple[Positive, Positive, Positive] = (3.0, 3.0, 3.0)
-    input_channels: int = Field(default=1, ge=1)  # the segmentation spec's intensity channels it reads
+    input_channels: int = Field(default=1, ge=1)  # the segmentation spec's intensity channels it reads ...
+    # ... plus, when set, the segmentation's Monte-Carlo mean probability of this (focal) label as the last
+    # channel (Retina U-Net's idea: the segmentation's pixel-level supervision guides the box detector)
+    guide_label: int | None = Field(default=None, ge=1)
     # inference: per-sample box selection (MONAI BoxSelector) and sliding windows of patch_size
     score_threshold: Probability = 0.05
     nms_threshold: Probability = 0.2
@@ -142,12 +145,22 @@ class DetectionSpec(BaseModel):
         d = self.size_divisible
         if any(p < d or p % d for p in self.patch_size):
             raise ValueError(f"patch_size {self.patch_size}: every side must be a multiple of {d}")
+        if self.guide_label is not None and self.input_channels < 2:
+            raise ValueError(
+                f"guide_label {self.guide_label} needs input_channels >= 2 (the image channels and the "
+                f"segmentation's probability), got {self.input_channels}"
+            )
         if self.review_detection_rate < self.min_detection_rate:
             raise ValueError(
                 f"review_detection_rate {self.review_detection_rate} < min_detection_rate "
                 f"{self.min_detection_rate}: every kept finding would pass review"
             )
         return self
+
+    @property
+    def image_channels(self) -> int:
+        """Input channels that come from the image (``to_model``), without the segmentation's guide."""
+        return self.input_channels - (self.guide_label is not None)
 
     @property
     def size_divisible(self) -> int:
@@ -368,15 +381,37 @@ class DetectionCase:
         )
 
 
+Guide = Callable[[ModelInput], torch.Tensor]  # a model input -> the segmentation's (X, Y, Z) probability
+
+
+def with_guide(model_input: ModelInput, probability: torch.Tensor) -> ModelInput:
+    """A guided detector's input: the model input with the segmentation's probability as the last channel."""
+    if tuple(probability.shape) != tuple(model_input.image.shape[1:]):
+        raise DetectionError(
+            f"guide probability {tuple(probability.shape)} does not cover the model grid "
+            f"{tuple(model_input.image.shape[1:])}; compute it on the same ModelInput"
+        )
+    image = torch.cat([model_input.image, probability[None].to(model_input.image.dtype)])
+    return ModelInput(image=image, grid=model_input.grid)
+
+
 def load_detection_cases(
-    dataset: SynthDataset, model_spec: ModelSpec, split: Split | str, *, sites: Sequence[str] = ()
+    dataset: SynthDataset,
+    model_spec: ModelSpec,
+    split: Split | str,
+    *,
+    sites: Sequence[str] = (),
+    guide: Guide | None = None,
+    progress: ProgressCallback | None = None,
 ) -> list[DetectionCase]:
-    """Read one split onto the model grid (``to_model``, as inference does), lesions as voxel boxes."""
+    """Read one split onto the model grid (``to_model``, as inference does), lesions as voxel boxes;
+    with ``guide``, its probability is appended as the last channel (``with_guide``)."""
+    entries = [e for e in dataset.manifest.select(split=split) if not sites or e.site in sites]
     cases = []
-    for entry in dataset.manifest.select(split=split):
-        if sites and entry.site not in sites:
-            continue
+    for n, entry in enumerate(entries, start=1):
         model_input = to_model(read_volume(dataset.image_dir(entry)), model_spec)
+        if guide is not None:
+            model_input = with_guide(model_input, guide(model_input))
         lesions = load_lesions(dataset.lesions(entry)).lesions
         boxes = boxes_lps_to_voxel(
             [les.min_corner_lps for les in lesions],
@@ -391,8 +426,13 @@ def load_detection_cases(
                 model_input.grid,
             )
         )
+        if progress is not None:
+            progress(n, len(entries), f"loading {Split(split)} case {entry.case_id}")
     if not cases:
-        raise DetectionError(f"dataset {dataset.manifest_path}: no {Split(split)} cases to load")
+        raise DetectionError(
+            f"dataset {dataset.manifest_path}: no {Split(split)} cases"
+            f"{' for ' + ', '.join(sites) if sites else ''} to load"
+        )
     return cases
 
 
@@ -470,6 +510,7 @@ class DetectorProvenance(BaseModel):
 
     seed: int
     training_data: str = ""
+    command: str = ""  # the command line that trained it (``medseg train-detector ...``)
     cases: int = 0
     lesions: int = 0
     iterations: int = 0
@@ -496,34 +537,26 @@ class TrainedDetector:
             f"seed {p.seed}, final loss {p.loss_history[-1] if p.loss_history else float('nan'):.3f})"
         )
 
-    def input_spec(self, model_spec: ModelSpec) -> ModelSpec:
-        """``model_spec`` with the preprocessing the detector was trained with, for ``to_model``.
-
-        For when the segmentation spec has moved on (new window, new spacing) but this detector has not
-        been retrained: its inputs must still be made the way its training cases were.
-        """
+    def check_fits(self, model_spec: ModelSpec) -> None:
+        """Refuse to pair this detector with a segmentation model whose inputs differ from its training
+        cases' (grid, intensities, channel count) or that has no such focal label to guide it."""
         recorded = self.provenance.preprocessing
-        if recorded is None or recorded == model_spec.preprocessing:
-            return model_spec
-        log.warning(
-            "detector preprocessing %s differs from model %s's %s; using the detector's",
-            recorded,
-            model_spec.name,
-            model_spec.preprocessing,
-        )
-        return model_spec.model_copy(update={"preprocessing": recorded})
-
-    def check_preprocessing(self, model_spec: ModelSpec) -> None:
-        """Refuse inputs made by another preprocessing than the training cases were (grid or intensities)."""
-        if (
-            self.provenance.preprocessing is not None
-            and self.provenance.preprocessing != model_spec.preprocessing
-        ):
+        if recorded is not None and recorded != model_spec.preprocessing:
             raise DetectionError(
                 f"detector was trained on inputs of model {self.provenance.preprocessing_model} "
-                f"({self.provenance.preprocessing}), not of model {model_spec.name} "
-                f"({model_spec.preprocessing}); "
+                f"({recorded}), not of model {model_spec.name} ({model_spec.preprocessing}); "
                 "feed it to_model() output made with that spec"
+            )
+        if self.spec.image_channels != model_spec.preprocessing.input_channels:
+            raise DetectionError(
+                f"detector reads {self.spec.image_channels} image channels, model {model_spec.name} makes "
+                f"{model_spec.preprocessing.input_channels}"
+            )
+        guide = self.spec.guide_label
+        if guide is not None and guide not in model_spec.focal_labels:
+            raise DetectionError(
+                f"detector is guided by label {guide}, which is not a focal label of model "
+                f"{model_spec.name} (focal: {list(model_spec.focal_labels) or 'none'})"
             )
 
 
@@ -535,6 +568,7 @@ def train_detector(
     *,
     model_spec: ModelSpec | None = None,
     training_data: str = "",
+    command: str = "",
 ) -> TrainedDetector:
     """Train a fresh detector on random patches of ``cases`` (AdamW, cosine schedule).
 
@@ -575,6 +609,7 @@ def train_detector(
     provenance = DetectorProvenance(
         seed=seed,
         training_data=training_data,
+        command=command,
         cases=len(cases),
         lesions=sum(len(c.boxes) for c in cases),
         iterations=total,

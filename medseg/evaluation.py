@@ -189,7 +189,9 @@ class CaseEvaluation:
     site: str
     condition: str  # "clean", an artefact name, or "unseen site"
     dice: dict[str, float]  # structure name -> Dice (NaN when absent from both)
-    lesions: ScanFindings
+    lesions: ScanFindings  # the reported findings, made by ``lesion_source``
+    lesion_source: str  # "detector" or "segmentation" (``Prediction.lesion_source``)
+    channel_lesions: ScanFindings  # the segmentation lesion channel's (== lesions without a detector)
     mean_entropy_foreground: float  # voxel mean over the predicted foreground
     mean_mutual_information_foreground: float
     mean_structure_mutual_information: float  # mean over present structures (insensitive to coverage)
@@ -257,6 +259,8 @@ def evaluate_prediction(
         condition=condition,
         dice=dice_scores(prediction.label_map, truth, spec),
         lesions=ScanFindings.of(case_id, prediction.lesions, truth_lesions),
+        lesion_source=prediction.lesion_source,
+        channel_lesions=ScanFindings.of(case_id, prediction.channel_lesions, truth_lesions),
         mean_entropy_foreground=float(prediction.entropy[foreground].mean()) if foreground.any() else 0.0,
         mean_mutual_information_foreground=float(prediction.mutual_information[foreground].mean())
         if foreground.any()

@@ -22,11 +22,12 @@ from scipy import ndimage
 
 from dicom_io.ai_result import LesionFinding, StructureMeasurements
 from dicom_io.volume import ImageVolume, IntensityUnit
+from medseg.detection import TrainedDetector, detect, with_guide
 from medseg.lesions import lesion_findings
 from medseg.model import Model
 from medseg.model_spec import ModelSpec, ReviewSpec
 from medseg.networks import set_dropout_sampling
-from medseg.preprocess import ModelGrid, argmax_to_source, map_to_source, pad_to_roi, to_model
+from medseg.preprocess import ModelGrid, ModelInput, argmax_to_source, map_to_source, pad_to_roi, to_model
 from medseg.uncertainty import MonteCarloSampler, SampleStructureStats, entropy
 
 log = logging.getLogger(__name__)
@@ -58,13 +59,15 @@ class Prediction:
     device: str
     seconds: dict[str, float] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    lesion_source: str = "segmentation"  # "detector" when the model's lesion detector made ``lesions``
+    channel_lesions: tuple[LesionFinding, ...] = ()  # the lesion channel's findings, reported or not
 
     def __repr__(self) -> str:
         flagged = [m.label for m in self.structures if m.needs_review]
         return (
             f"Prediction({self.model_name} {self.model_version} on {self.source.array.shape}, "
             f"{self.samples} samples, {len(self.structures)} structures, review {flagged}, "
-            f"{len(self.lesions)} lesions)"
+            f"{len(self.lesions)} lesions by {self.lesion_source})"
         )
 
 
@@ -256,6 +259,30 @@ def sample_on_grid(
     return out[window].float().cpu(), sampler
 
 
+def focal_probability(
+    model: Model, model_input: ModelInput, label: int, *, samples: int, seed: int, device: torch.device
+) -> torch.Tensor:
+    """The Monte-Carlo mean probability of one label on the model grid, as ``infer`` computes it: what a
+    guided detector (``medseg.detection``) reads beside the image, in training as at inference."""
+    out, sampler = sample_on_grid(model_input.image, model, samples=samples, seed=seed, device=device)
+    return sampler.channels.mean(out)[label]
+
+
+def detector_findings(
+    detector: TrainedDetector,
+    model_input: ModelInput,
+    mean_probabilities: torch.Tensor,
+    *,
+    samples: int,
+    seed: int,
+) -> tuple[LesionFinding, ...]:
+    """Lesion findings of a model's detector, fed the segmentation's probability when it is guided."""
+    guide = detector.spec.guide_label
+    if guide is not None:
+        model_input = with_guide(model_input, mean_probabilities[guide])
+    return detect(detector.detector, model_input, detector.spec, samples, seed)
+
+
 def infer(
     volume: ImageVolume,
     model: Model,
@@ -290,7 +317,7 @@ def infer(
     mean_p = channels.mean(out)
     predictive = entropy(mean_p, dim=0)
     mutual = channels.mutual_information(out).clamp_min(0.0)
-    candidates = [
+    channel_lesions = tuple(
         finding
         for i, label in enumerate(sampler.focal_labels)
         for finding in lesion_findings(
@@ -300,9 +327,12 @@ def infer(
             model_input.grid,
             spec.review,
         )
-    ]
+    )
+    candidates = channel_lesions
+    if model.detector is not None:
+        candidates = detector_findings(model.detector, model_input, mean_p, samples=n, seed=seed)
     limit = spec.review.max_lesion_findings
-    lesions = tuple(candidates[:limit])
+    lesions = candidates[:limit]
     notes: tuple[str, ...] = ()
     if len(candidates) > limit:
         notes = (
@@ -344,4 +374,6 @@ def infer(
         device=str(device),
         seconds=seconds,
         notes=notes,
+        lesion_source="segmentation" if model.detector is None else "detector",
+        channel_lesions=channel_lesions[:limit],
     )

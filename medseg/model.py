@@ -5,10 +5,12 @@ Folder layout (written by ``medseg train`` and ``medseg import-bundle``)::
     spec.yaml         the validated ModelSpec
     weights.pt        state dict of SegmentationNet
     provenance.json   training data, seed, command, metrics, weights SHA-256
+    detector.pt/json  optional: a lesion detector (``medseg.detection``, ``medseg train-detector``) that
+                      reports the focal findings instead of the segmentation's lesion channel
 
-The Device UID (IHE AI Results) is derived from the weights' SHA-256 and the spec's decision weights
-(``medseg.calibration``), so it changes exactly when what the model outputs changes: a retrained,
-recalibrated or federated model gets a new one without anyone remembering to bump it.
+The Device UID (IHE AI Results) is derived from the weights' SHA-256, the spec's decision weights
+(``medseg.calibration``) and the detector's weights, so it changes exactly when what the model outputs
+changes: a retrained, recalibrated or federated model gets a new one without anyone remembering to bump it.
 Shipped models live in ``medseg/shipped_models/<name>/``; any other folder can be given by path.
 """
 
@@ -25,6 +27,8 @@ import torch
 from dicom_io.ai_result import AlgorithmIdentity
 from dicom_io.image_writer import deterministic_uid
 from medseg import __version__
+from medseg.detection import SPEC_FILE as DETECTOR_FILE
+from medseg.detection import DetectionError, TrainedDetector, load_detector, save_detector
 from medseg.model_spec import ModelSpec, ModelSpecError, load_spec, save_spec
 from medseg.networks import SegmentationNet
 
@@ -57,14 +61,19 @@ class Model:
     network: SegmentationNet
     provenance: ModelProvenance
     folder: Path
+    detector: TrainedDetector | None = None
 
     @property
     def device_uid(self) -> str:
-        """From the weights' SHA-256, and the decision weights where any is not 1 (an uncalibrated model
-        keeps the UID it always had)."""
+        """From the weights' SHA-256, the decision weights where any is not 1 and the detector's weights
+        where there is one (a model without either keeps the UID it always had)."""
         weights = self.spec.decision_weights
-        decision = (f"decision weights {weights}",) if any(w != 1.0 for w in weights) else ()
-        return deterministic_uid("medseg-model-weights", self.provenance.weights_sha256, *decision)
+        parts = [self.provenance.weights_sha256]
+        if any(w != 1.0 for w in weights):
+            parts.append(f"decision weights {weights}")
+        if self.detector is not None:
+            parts.append(f"detector {self.detector.provenance.weights_sha256}")
+        return deterministic_uid("medseg-model-weights", *parts)
 
     def algorithm_identity(self) -> AlgorithmIdentity:
         return AlgorithmIdentity(
@@ -76,9 +85,10 @@ class Model:
         )
 
     def __repr__(self) -> str:
+        detector = ", lesion detector" if self.detector is not None else ""
         return (
             f"Model({self.spec.name} {self.spec.version}, {self.spec.network.architecture}, "
-            f"{self.spec.num_classes - 1} labels, device_uid={self.device_uid})"
+            f"{self.spec.num_classes - 1} labels{detector}, device_uid={self.device_uid})"
         )
 
 
@@ -88,8 +98,15 @@ def weights_bytes(network: SegmentationNet) -> bytes:
     return buffer.getvalue()
 
 
-def save_model(folder: Path, spec: ModelSpec, network: SegmentationNet, provenance: ModelProvenance) -> Model:
-    """Write spec, weights and provenance (the provenance's SHA-256 is recomputed from the bytes written)."""
+def save_model(
+    folder: Path,
+    spec: ModelSpec,
+    network: SegmentationNet,
+    provenance: ModelProvenance,
+    detector: TrainedDetector | None = None,
+) -> Model:
+    """Write spec, weights, provenance and the detector if given (the SHA-256s are recomputed from the
+    bytes written)."""
     folder.mkdir(parents=True, exist_ok=True)
     data = weights_bytes(network)
     sha = hashlib.sha256(data).hexdigest()
@@ -97,7 +114,9 @@ def save_model(folder: Path, spec: ModelSpec, network: SegmentationNet, provenan
     save_spec(spec, folder / SPEC_FILE)
     (folder / WEIGHTS_FILE).write_bytes(data)
     (folder / PROVENANCE_FILE).write_text(json.dumps(asdict(provenance), indent=2) + "\n")
-    return Model(spec=spec, network=network.eval(), provenance=provenance, folder=folder)
+    if detector is not None:
+        detector = save_detector(folder, detector)
+    return Model(spec=spec, network=network.eval(), provenance=provenance, folder=folder, detector=detector)
 
 
 def resolve_model_folder(name_or_path: str | Path) -> Path:
@@ -139,7 +158,14 @@ def load_model(name_or_path: str | Path = DEFAULT_MODEL, *, device: torch.device
         raise ModelSpecError(f"model folder {folder}: weights do not fit the spec's network: {err}") from err
     if device is not None:
         network.to(device)
-    return Model(spec=spec, network=network.eval(), provenance=provenance, folder=folder)
+    detector = None
+    if (folder / DETECTOR_FILE).exists():
+        try:
+            detector = load_detector(folder)
+            detector.check_fits(spec)
+        except DetectionError as err:
+            raise ModelSpecError(f"model folder {folder}: {err}") from err
+    return Model(spec=spec, network=network.eval(), provenance=provenance, folder=folder, detector=detector)
 
 
 def choose_device(requested: str | None = None) -> torch.device:

@@ -39,11 +39,13 @@ from torch import nn
 
 from dicom_io.reader import read_volume
 from dicom_io.volume import ImageVolume, Modality
+from medseg.detection import DetectionSpec, load_detection_cases, train_detector
 from medseg.evaluation import dice_per_class
+from medseg.inference import focal_probability
 from medseg.model import Model, ModelProvenance, load_model, save_model
 from medseg.model_spec import IntensityKind, ModelSpec, TrainingSpec
 from medseg.networks import SegmentationNet
-from medseg.preprocess import align_to_volume, labels_to_model, to_model
+from medseg.preprocess import ModelInput, align_to_volume, labels_to_model, to_model
 from medseg.synth.dataset import CaseEntry, Split, SynthDataset, load_dataset, load_label_map
 
 log = logging.getLogger(__name__)
@@ -557,3 +559,80 @@ def train(
         seconds=time.perf_counter() - started,
         history=tuple(history),
     )
+
+
+def train_lesion_detector(
+    model: Model,
+    dataset_path: Path | str,
+    output: Path,
+    *,
+    epochs: int | None = None,
+    iterations_per_epoch: int | None = None,
+    seed: int = 0,
+    sites: Sequence[str] = (),
+    device: torch.device | None = None,
+    command: str = "",
+    progress: ProgressCallback | None = None,
+) -> Model:
+    """Train a RetinaNet lesion detector guided by ``model``'s focal label and save ``model`` with it.
+
+    The detector reads the model's input channels plus the model's Monte-Carlo mean probability of its one
+    focal label (``focal_probability``, exactly as ``infer`` makes it), on the train and val cases (no
+    epoch is selected on val, so both can teach it). ``progress`` sees the cases loaded, then the steps.
+    """
+    if output.resolve() == model.folder.resolve():
+        raise ValueError(
+            f"output {output} is the model's own folder; write the model with its detector to another"
+        )
+    focal = model.spec.focal_labels
+    if len(focal) != 1:
+        raise ValueError(
+            f"model {model.spec.name} has {len(focal)} focal labels ({list(focal)}); a lesion detector is "
+            "guided by exactly one"
+        )
+    defaults = DetectionSpec()
+    spec = DetectionSpec(
+        input_channels=model.spec.preprocessing.input_channels + 1,
+        guide_label=focal[0],
+        spacing_mm=model.spec.preprocessing.spacing_mm,
+        samples=model.spec.uncertainty.samples,
+        seed=model.spec.uncertainty.seed,
+        epochs=epochs or defaults.epochs,
+        iterations_per_epoch=iterations_per_epoch or defaults.iterations_per_epoch,
+    )
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dataset = load_dataset(dataset_path)
+    for split in (Split.TRAIN, Split.VAL):
+        split_entries(dataset, split, sites)  # refuse a missing split before minutes of loading
+
+    def guide(model_input: ModelInput) -> torch.Tensor:
+        return focal_probability(
+            model, model_input, focal[0], samples=spec.samples, seed=spec.seed, device=device
+        )
+
+    cases = [
+        case
+        for split in (Split.TRAIN, Split.VAL)
+        for case in load_detection_cases(
+            dataset,
+            model.spec,
+            split,
+            sites=sites,
+            guide=guide,
+            progress=progress,
+        )
+    ]
+    log.info(
+        "training a lesion detector on %d cases (%d lesions)", len(cases), sum(len(c.boxes) for c in cases)
+    )
+    trained = train_detector(
+        cases,
+        spec,
+        seed,
+        progress,
+        model_spec=model.spec,
+        training_data=f"{dataset.manifest_path} (seed {dataset.manifest.seed}, train and val, "
+        f"sites {', '.join(sites) or 'all'})",
+        command=command,
+    )
+    return save_model(output, model.spec, model.network, model.provenance, detector=trained)

@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from dicom_io.volume import GeometryReport, ImageVolume, IntensityUnit, Modality
 from medseg.calibration import with_decision_weights
 from medseg.evaluation import (
     CaseEvaluation,
+    ScanFindings,
     at_threshold,
     bootstrap_interval,
     dice_scores,
@@ -209,10 +211,10 @@ def _markdown(
     )
     if any(unweighted.values()):
         every = [d for site in TRAINING_SITES for d in unweighted[site]]
-        for site, rows in (*((s, unweighted[s]) for s in TRAINING_SITES), ("all", every)):
+        for site, site_dice in (*((s, unweighted[s]) for s in TRAINING_SITES), ("all", every)):
             lines.append(
                 f"| {site}, decision weights all 1 | "
-                + " | ".join(f"{_nanmean([d[k] for d in rows]):.3f}" for k in labels)
+                + " | ".join(f"{_nanmean([d[k] for d in site_dice]):.3f}" for k in labels)
                 + " |"
             )
     for site in TRAINING_SITES:
@@ -235,11 +237,60 @@ def _markdown(
             if any(unweighted.values())
             else ""
         ),
+    ]
+    scans_of: dict[str, Callable[[CaseEvaluation], ScanFindings]] = {"reported": lambda e: e.lesions}
+    source = evaluations[0].lesion_source
+    if source != "segmentation":
+        scans_of["segmentation lesion channel, for comparison"] = lambda e: e.channel_lesions
+    for title, scans in scans_of.items():
+        lines += _lesion_lines(evaluations, source if title == "reported" else title, scans)
+    lines += [
         "",
-        "## Lesion detection (findings of the Monte-Carlo lesion channel), clean cases",
+        "## Uncertainty under shift",
+        "",
+        "Voxel means are over the predicted foreground (they depend on how much lung a scan covers); "
+        "structure means average each present structure's own mean, as the report shows them. Sample "
+        "agreement: mean pairwise Dice between Monte-Carlo samples (lower = less certain).",
+        "",
+        "| condition | cases | MI, voxel mean (nats) | MI, structure mean (nats) | entropy, voxel mean "
+        "(nats) | sample agreement | mean Dice | structures flagged |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for condition in ["clean", *ALTERED, "unseen site"]:
+        rows = [e for e in evaluations if e.condition == condition]
+        if not rows:
+            continue
+        lines.append(
+            f"| {condition} | {len(rows)} | "
+            f"{np.mean([e.mean_mutual_information_foreground for e in rows]):.4f} | "
+            f"{np.mean([e.mean_structure_mutual_information for e in rows]):.4f} | "
+            f"{np.mean([e.mean_entropy_foreground for e in rows]):.4f} | "
+            f"{np.mean([e.mean_sample_agreement for e in rows]):.3f} | "
+            f"{_nanmean([_nanmean(list(e.dice.values())) for e in rows]):.3f} | "
+            f"{np.mean([len(e.flagged) for e in rows]):.1f} |"
+        )
+    return "\n".join(lines + _paired_shift_lines(evaluations)) + "\n"
+
+
+def _lesion_lines(
+    evaluations: list[CaseEvaluation], source: str, scans_of: Callable[[CaseEvaluation], ScanFindings]
+) -> list[str]:
+    """FROC of one source of lesion findings on the clean cases and the unseen site."""
+    score = (
+        "the finding's mean score over the Monte-Carlo samples (a sample that missed it counts 0)"
+        if source == "detector"
+        else "the finding's peak mean lesion probability"
+    )
+    what = {
+        "detector": "findings of the RetinaNet lesion detector, reported",
+        "segmentation": "findings of the Monte-Carlo lesion channel, reported",
+    }.get(source, source)
+    lines = [
+        "",
+        f"## Lesion detection ({what}), clean cases",
         "",
         "A finding hits a lesion when its centre lies in the lesion's box or the boxes overlap with "
-        "IoU >= 0.1; the score is the finding's peak mean lesion probability. Sensitivity at each "
+        f"IoU >= 0.1; the score is {score}. Sensitivity at each "
         "false-positive rate is the best over score thresholds (FROC); CI: Wilson 95 %.",
         "",
         "| scans | lesions | count | "
@@ -247,8 +298,8 @@ def _markdown(
         + " | 95 % CI @ 1 FP |",
         "|---|---|---|" + "---|" * (len(FP_RATES) + 1),
     ]
-    scans = [e.lesions for e in clean]
-    unseen = [e.lesions for e in evaluations if e.condition == "unseen site"]
+    scans = [scans_of(e) for e in evaluations if e.condition == "clean"]
+    unseen = [scans_of(e) for e in evaluations if e.condition == "unseen site"]
     curves = {
         (group, title): froc(group_scans, minimum)
         for group, group_scans, title, minimum in (
@@ -283,32 +334,7 @@ def _markdown(
             f"threshold chosen on the training sites): {kept.found}/{total} lesions >= 10 mm found, "
             f"{kept.fp_per_scan:.1f} false positives per scan.",
         ]
-    lines += [
-        "",
-        "## Uncertainty under shift",
-        "",
-        "Voxel means are over the predicted foreground (they depend on how much lung a scan covers); "
-        "structure means average each present structure's own mean, as the report shows them. Sample "
-        "agreement: mean pairwise Dice between Monte-Carlo samples (lower = less certain).",
-        "",
-        "| condition | cases | MI, voxel mean (nats) | MI, structure mean (nats) | entropy, voxel mean "
-        "(nats) | sample agreement | mean Dice | structures flagged |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for condition in ["clean", *ALTERED, "unseen site"]:
-        rows = [e for e in evaluations if e.condition == condition]
-        if not rows:
-            continue
-        lines.append(
-            f"| {condition} | {len(rows)} | "
-            f"{np.mean([e.mean_mutual_information_foreground for e in rows]):.4f} | "
-            f"{np.mean([e.mean_structure_mutual_information for e in rows]):.4f} | "
-            f"{np.mean([e.mean_entropy_foreground for e in rows]):.4f} | "
-            f"{np.mean([e.mean_sample_agreement for e in rows]):.3f} | "
-            f"{_nanmean([_nanmean(list(e.dice.values())) for e in rows]):.3f} | "
-            f"{np.mean([len(e.flagged) for e in rows]):.1f} |"
-        )
-    return "\n".join(lines + _paired_shift_lines(evaluations)) + "\n"
+    return lines
 
 
 def _paired_shift_lines(evaluations: list[CaseEvaluation]) -> list[str]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shlex
+import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +15,9 @@ import yaml
 from pydantic import ValidationError
 
 from dicom_io.ai_result import LesionFinding
+from dicom_io.reader import read_volume
 from dicom_io.volume import GeometryReport, ImageVolume, IntensityUnit, Modality, SeriesContext
+from medseg.cli import main
 from medseg.detection import (
     DetectionCase,
     DetectionError,
@@ -27,10 +32,15 @@ from medseg.detection import (
     parameter_count,
     save_detector,
     train_detector,
+    with_guide,
 )
-from medseg.model_spec import MODELS_DIR, ModelSpec, parse_spec
+from medseg.inference import detector_findings, infer
+from medseg.model import load_model
+from medseg.model_spec import MODELS_DIR, ModelSpec, ModelSpecError, parse_spec
 from medseg.preprocess import ModelInput, plan_grid, to_model
-from medseg.synth import load_site, synthesize_case
+from medseg.synth import generate_dataset, load_site, synthesize_case
+from medseg.synth.dataset import load_dataset
+from tests.medseg.tiny_model import tiny_spec_data
 
 
 def _model_spec_12mm() -> ModelSpec:
@@ -224,3 +234,69 @@ def test_detector_folder_errors(tmp_path: Path) -> None:
     weights.write_bytes(weights.read_bytes() + b"x")
     with pytest.raises(DetectionError, match="SHA-256"):
         load_detector(tmp_path / "det")
+
+
+def test_a_guided_detector_reads_the_probability_as_its_last_channel() -> None:
+    with pytest.raises(ValidationError, match="needs input_channels >= 2"):
+        DetectionSpec(guide_label=8, input_channels=1)
+    spec = DetectionSpec(**{**TINY, "input_channels": CHANNELS + 1}, guide_label=8)
+    assert spec.image_channels == CHANNELS
+    model_input = _model_input()
+    probability = torch.rand(model_input.image.shape[1:])
+    guided = with_guide(model_input, probability)
+    assert guided.image.shape[0] == CHANNELS + 1 and guided.grid is model_input.grid
+    assert torch.equal(guided.image[-1], probability) and torch.equal(guided.image[:-1], model_input.image)
+    with pytest.raises(DetectionError, match="does not cover the model grid"):
+        with_guide(model_input, probability[:-1])
+
+
+def test_cli_gives_a_model_a_guided_detector_whose_findings_infer_reports(tmp_path: Path) -> None:
+    dataset = tmp_path / "ds"
+    generate_dataset(dataset, [load_site("site_a")], 3, seed=2, matrix=64, slices=24)
+    data = tiny_spec_data(spacing_mm=8.0)
+    data["training"].update(patch_size=[32, 32, 32], batch_size=1, epochs=1, iterations_per_epoch=2)
+    spec_path = tmp_path / "tiny.yaml"
+    spec_path.write_text(yaml.safe_dump(data))
+    base, guided = tmp_path / "base", tmp_path / "guided"
+    assert main(["-q", "train", str(spec_path), str(dataset), "-o", str(base), "--seed", "1"]) == 0
+    args = ["-q", "train-detector", str(base), str(dataset), "-o", str(guided)]
+    args += ["--epochs", "1", "--iterations", "2", "--seed", "3"]
+    assert main(args) == 0
+    plain, model = load_model(base), load_model(guided)
+    assert plain.detector is None and model.detector is not None
+    detector = model.detector
+    assert detector.spec.guide_label == model.spec.focal_labels[0]
+    assert detector.spec.image_channels == model.spec.preprocessing.input_channels
+    assert detector.provenance.command == shlex.join(["medseg", *args])
+    manifest = load_dataset(dataset)
+    assert detector.provenance.cases == sum(c.split in ("train", "val") for c in manifest.manifest.cases)
+    assert model.provenance.weights_sha256 == plain.provenance.weights_sha256
+    assert model.device_uid != plain.device_uid  # a detector changes what the model reports
+
+    # infer reports the detector's findings (a zero score threshold makes the untrained one find some)
+    loose = replace(detector, spec=detector.spec.model_copy(update={"score_threshold": 0.0}))
+    model = replace(model, detector=loose)
+    volume = read_volume(manifest.image_dir(manifest.manifest.cases[0]))
+    prediction = infer(volume, model, samples=2, seed=5)
+    expected = detector_findings(
+        loose, to_model(volume, model.spec), prediction.mean_probabilities, samples=2, seed=5
+    )
+    assert prediction.lesion_source == "detector" and prediction.lesions
+    assert prediction.lesions == expected[: model.spec.review.max_lesion_findings]
+    without = infer(volume, plain, samples=2, seed=5)
+    assert without.lesion_source == "segmentation" and without.lesions == without.channel_lesions
+    assert prediction.channel_lesions == without.channel_lesions  # the same segmentation beside it
+
+    # calibrating keeps the detector; refusals: in place, a model it does not fit
+    calibrated = tmp_path / "calibrated"
+    assert main(["-q", "calibrate", str(guided), str(dataset), "-o", str(calibrated), "--samples", "2"]) == 0
+    assert load_model(calibrated).detector is not None
+    assert main([*args[:5], str(base)]) == 2  # never in place
+    unfit = tmp_path / "unfit"
+    shutil.copytree(guided, unfit)
+    spec_data = yaml.safe_load((unfit / "spec.yaml").read_text())
+    for label in spec_data["labels"]:
+        label["focal"] = False
+    (unfit / "spec.yaml").write_text(yaml.safe_dump(spec_data))
+    with pytest.raises(ModelSpecError, match=rf"{unfit}.*not a focal label"):
+        load_model(unfit)
