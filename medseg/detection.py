@@ -1,12 +1,16 @@
 """Focal lesion detection: a small MONAI RetinaNet on the model grid, with Monte-Carlo dropout findings.
 
-Status: experimental, not used by ``medseg run``. Trained for 1,600 CPU iterations on the synthetic
-dataset it does not yet separate lesions from background (sensitivity 0 at 1 false positive per scan,
-``benchmarks/eval_detection.py``); the pipeline reports lesions from the segmentation's lesion channel
-(``medseg.lesions``) until a detector trained here meets the issue's target.
+A model folder may hold one (``medseg train-detector``, ``medseg.model``); ``infer`` then reports its
+findings instead of those of the segmentation's lesion channel (``medseg.lesions``). Trained alone on the
+image, 1,600 CPU iterations on the synthetic dataset did not separate lesions from background
+(sensitivity 0 at 1 false positive per scan). A guided detector (``DetectionSpec.guide_label``) also reads
+the segmentation's Monte-Carlo mean probability of the lesion label as its last input channel: Retina
+U-Net's idea (Jaeger et al. 2018), the segmentation's voxel-level supervision carrying the detector, which
+learns to box and score what it points at, with the image for context. ``benchmarks/eval_detection.py``
+scores both sources on the same scans.
 
 The detector sees exactly what the segmentation network sees (``medseg.preprocess.to_model``: 3 mm LPS
-grid, CT window), so one ``ModelInput`` feeds both. Boxes live in model voxel index space (``StandardMode``
+grid, CT windows), so one ``ModelInput`` feeds both. Boxes live in model voxel index space (``StandardMode``
 ``[x0, y0, z0, x1, y1, z1]``, voxel centres at integer indices, ``grid.affine`` maps them to LPS mm).
 
 Uncertainty: channel dropout sits on every feature-pyramid level, between the trunk and MONAI's two heads.
@@ -97,10 +101,15 @@ class DetectionSpec(BaseModel):
     # inference: per-sample box selection (MONAI BoxSelector) and sliding windows of patch_size
     score_threshold: Probability = 0.05
     nms_threshold: Probability = 0.2
-    candidates_per_level: int = Field(default=1000, ge=1)  # best-scoring boxes per level before NMS
+    # best-scoring boxes per level and window before NMS: a window holds a few lesions, and MONAI's NMS
+    # over 1,000 boxes per level and sample took 8 of a volume's 22 s of detection on 2 CPU cores
+    candidates_per_level: int = Field(default=100, ge=1)
     detections_per_window: int = Field(default=50, ge=1)
     max_detections: int = Field(default=50, ge=1)  # per sample and volume, after merging windows
     window_overlap: Annotated[float, Field(ge=0, lt=0.9)] = 0.25
+    # the network is fully convolutional: inference windows grow up to this (whole small volumes in one),
+    # because 27 overlapping training-sized windows over a 136-voxel cube cost 2.8x its voxels
+    max_window: Shape3 = (160, 160, 160)
     # Monte-Carlo dropout and clustering of the samples' boxes into findings
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.2
     samples: int = Field(default=10, ge=1, le=100)
@@ -161,6 +170,16 @@ class DetectionSpec(BaseModel):
     def image_channels(self) -> int:
         """Input channels that come from the image (``to_model``), without the segmentation's guide."""
         return self.input_channels - (self.guide_label is not None)
+
+    def inference_window(self, volume: Sequence[int]) -> Shape3:
+        """The window ``detect`` slides: the volume rounded up to ``size_divisible``, at least
+        ``patch_size`` and at most ``max_window`` (rounded down to ``size_divisible``) per axis."""
+        d = self.size_divisible
+        sides = [
+            max(p, min(d * math.ceil(n / d), d * (m // d)))
+            for n, p, m in zip(volume, self.patch_size, self.max_window, strict=True)
+        ]
+        return (sides[0], sides[1], sides[2])
 
     @property
     def size_divisible(self) -> int:
@@ -750,11 +769,12 @@ def detect(
 ) -> tuple[LesionFinding, ...]:
     """Monte-Carlo lesion findings in LPS mm for one volume on the model grid.
 
-    Windows of ``spec.patch_size`` slide over the volume (one window if it is smaller); per window the
-    trunk runs once and all ``samples`` dropout masks (seeded by ``seed``, shared by every window) run as
-    one batch through the heads. Each sample's boxes are kept where their centre lies in the window's core,
-    then the boxes of all samples are clustered (``cluster_detections``). Deterministic for a given seed.
-    The spec's box-selection settings (score and NMS thresholds) are applied to ``detector`` first.
+    Windows of ``spec.inference_window`` (the whole volume up to ``max_window``) slide over it; per
+    window the trunk runs once and all ``samples`` dropout masks (seeded by ``seed``, shared by every
+    window) run as one batch through the heads. Each sample's boxes are kept where their centre lies in
+    the window's core, then the boxes of all samples are clustered (``cluster_detections``).
+    Deterministic for a given seed. The spec's box-selection settings (score and NMS thresholds) are
+    applied to ``detector`` first.
     """
     if samples < 1:
         raise DetectionError(f"samples must be >= 1, got {samples}; use 1 for a single deterministic pass")
@@ -775,8 +795,8 @@ def detect(
     _set_box_selection(detector, spec)
     masks = dropout_masks(features.out_channels, features.levels, samples, spec.dropout, seed)
     volume = np.asarray(image.shape[1:], dtype=np.float64)
-    padded = _pad_to(image.float(), spec.patch_size)
-    patch = spec.patch_size
+    patch = spec.inference_window(image.shape[1:])
+    padded = _pad_to(image.float(), patch)
     found: list[list[tuple[FloatArray, FloatArray]]] = [[] for _ in range(samples)]
     with torch.inference_mode(), _sampling(features, masks):
         for start, core_lo, core_hi in _windows(padded.shape[1:], patch, spec.window_overlap):
@@ -830,7 +850,9 @@ def cluster_detections(
     ``score_threshold``), so ``score`` is the mean over all samples and ``score_spread`` the standard
     deviation (population) over all samples: both fall when samples disagree. ``box_spread_mm`` is the mean
     over the six LPS corner coordinates of their standard deviation over the samples that found it.
-    Clusters found by fewer than ``spec.min_detection_rate`` of the samples are dropped.
+    Clusters found by fewer than ``spec.min_detection_rate`` of the samples are dropped, and so is a
+    cluster whose centre lies inside the box of a better-scoring finding: the same lesion, boxed twice by
+    a sample with boxes that overlap too little for its NMS (a radiologist would see one lesion twice).
     """
     b = np.asarray(boxes, dtype=np.float64).reshape(-1, 6)
     sc = np.asarray(scores, dtype=np.float64).reshape(-1)
@@ -878,7 +900,12 @@ def cluster_detections(
             )
         )
     findings.sort(key=lambda f: -f.score)
-    return tuple(replace(f, index=n) for n, f in enumerate(findings, start=1))
+    kept: list[LesionFinding] = []
+    for finding in findings:
+        centre = np.asarray(finding.centre_lps)
+        if not any(np.all((centre >= k.box_min_lps) & (centre <= k.box_max_lps)) for k in kept):
+            kept.append(finding)
+    return tuple(replace(f, index=n) for n, f in enumerate(kept, start=1))
 
 
 def _triple(v: FloatArray) -> tuple[float, float, float]:

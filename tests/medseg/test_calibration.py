@@ -119,9 +119,12 @@ def test_cli_calibrates_a_trained_model_with_a_new_device_uid(tmp_path: Path) ->
 def test_device_uid_changes_with_the_decision_weights_only() -> None:
     model = load_model(SHIPPED_DIR / "default_ct")
     assert model.device_uid == load_model(SHIPPED_DIR / "default_ct").device_uid
+    bare = replace(model, detector=None)  # without a lesion detector, whose weights the UID covers too
+    if model.detector is not None:
+        assert bare.device_uid != model.device_uid
     if all(w == 1.0 for w in model.spec.decision_weights):  # an uncalibrated model keeps its old UID
         expected = deterministic_uid("medseg-model-weights", model.provenance.weights_sha256)
-        assert model.device_uid == expected
+        assert bare.device_uid == expected
     labels = list(model.spec.labels)
     labels[1] = labels[1].model_copy(update={"decision_weight": labels[1].decision_weight * 0.9})
     recalibrated = replace(model, spec=model.spec.model_copy(update={"labels": tuple(labels)}))

@@ -130,10 +130,17 @@ def test_clustering_merges_samples_with_rate_score_and_spread() -> None:
 def test_clustering_keeps_one_box_per_sample_and_drops_rare_clusters() -> None:
     affine = np.eye(4)
     box = np.array([0.0, 0.0, 0.0, 10.0, 10.0, 10.0])
-    # sample 0 reports two overlapping boxes: the second may not join the first's cluster
+    # sample 0 reports two overlapping boxes: the second may not join the first's cluster, and as its
+    # centre lies inside the first finding's box it is the same lesion twice, not a second finding
     boxes, scores, samples = np.stack([box, box + 1, box]), [0.9, 0.8, 0.7], [0, 0, 1]
     kept = cluster_detections(boxes, scores, samples, 2, affine, DetectionSpec(min_detection_rate=0.5))
-    assert [(f.detection_rate, f.score) for f in kept] == [(1.0, pytest.approx(0.8)), (0.5, 0.4)]
+    assert [(f.detection_rate, f.score) for f in kept] == [(1.0, pytest.approx(0.8))]
+    apart = np.stack([box, box + 12, box])  # the second box beside the first: a second lesion
+    kept = cluster_detections(apart, scores, samples, 2, affine, DetectionSpec(min_detection_rate=0.5))
+    assert [(f.index, f.detection_rate, f.score) for f in kept] == [
+        (1, 1.0, pytest.approx(0.8)),
+        (2, 0.5, 0.4),
+    ]
     spec = DetectionSpec(min_detection_rate=0.6, review_detection_rate=0.7)
     findings = cluster_detections(boxes, scores, samples, 2, affine, spec)
     assert [f.detection_rate for f in findings] == [1.0]  # the lone 0.8 box (rate 0.5) is dropped
@@ -142,12 +149,17 @@ def test_clustering_keeps_one_box_per_sample_and_drops_rare_clusters() -> None:
 
 def test_detect_on_a_tiny_volume_is_typed_and_seeded() -> None:
     spec = DetectionSpec(
-        **TINY, score_threshold=0.0, candidates_per_level=10, min_detection_rate=0.0, max_detections=20
+        **TINY,
+        score_threshold=0.0,
+        candidates_per_level=10,
+        min_detection_rate=0.0,
+        max_detections=20,
+        max_window=TINY["patch_size"],
     )
     torch.manual_seed(0)
     detector = build_detector(spec)
     model_input = _model_input()
-    assert model_input.image.shape[1] > spec.patch_size[0]  # more than one window
+    assert model_input.image.shape[1] > spec.inference_window(model_input.image.shape[1:])[0]  # windows
     first = detect(detector, model_input, spec, samples=3, seed=7)
     again = detect(detector, model_input, spec, samples=3, seed=7)
     other = detect(detector, model_input, spec, samples=3, seed=8)
@@ -300,3 +312,10 @@ def test_cli_gives_a_model_a_guided_detector_whose_findings_infer_reports(tmp_pa
     (unfit / "spec.yaml").write_text(yaml.safe_dump(spec_data))
     with pytest.raises(ModelSpecError, match=rf"{unfit}.*not a focal label"):
         load_model(unfit)
+
+
+def test_inference_window_takes_small_volumes_whole_and_caps_large_ones() -> None:
+    spec = DetectionSpec()  # pyramid strides up to 8, training patches of 64, windows of at most 160
+    assert spec.size_divisible == 8
+    assert spec.inference_window((136, 130, 20)) == (136, 136, 64)
+    assert spec.inference_window((400, 161, 100)) == (160, 160, 104)
