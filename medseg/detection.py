@@ -117,6 +117,10 @@ class DetectionSpec(BaseModel):
     cluster_iou: Probability = 0.2
     cluster_distance_mm: float = Field(default=6.0, ge=0)
     min_detection_rate: Probability = 0.2  # clusters found by fewer samples are not findings
+    # findings whose score (mean over the samples, a miss counting 0) is below this are not reported:
+    # more likely a lesion than not. Fixed beforehand, not tuned on the validation cases; without it the
+    # guided detector listed 20 findings on every scan (the report's cap), mostly of low score
+    report_score: Probability = 0.5
     review_detection_rate: Probability = 0.7  # findings below this need review
     review_score_spread: float = Field(default=0.15, ge=0)  # ... and so do those whose score varies more
     # training
@@ -821,13 +825,17 @@ def detect(
         all_boxes.append(boxes)
         all_scores.append(scores[top])
         sample_index.append(np.full(len(top), s))
-    findings = cluster_detections(
+    clustered = cluster_detections(
         np.concatenate(all_boxes),
         np.concatenate(all_scores),
         np.concatenate(sample_index),
         samples,
         grid.affine,
         spec,
+    )
+    findings = tuple(
+        replace(f, index=n)
+        for n, f in enumerate((f for f in clustered if f.score >= spec.report_score), start=1)
     )
     log.info("detect: %d findings from %d samples (seed %d)", len(findings), samples, seed)
     return findings

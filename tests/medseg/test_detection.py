@@ -155,6 +155,7 @@ def test_detect_on_a_tiny_volume_is_typed_and_seeded() -> None:
         min_detection_rate=0.0,
         max_detections=20,
         max_window=TINY["patch_size"],
+        report_score=0.0,
     )
     torch.manual_seed(0)
     detector = build_detector(spec)
@@ -166,6 +167,9 @@ def test_detect_on_a_tiny_volume_is_typed_and_seeded() -> None:
     assert first and all(isinstance(f, LesionFinding) for f in first)
     assert first == again and first != other
     assert all(0 < f.detection_rate <= 1 and f.score_spread >= 0 for f in first)
+    strict = detect(detector, model_input, spec.model_copy(update={"report_score": 0.5}), samples=3, seed=7)
+    assert [f.score for f in strict] == [f.score for f in first if f.score >= 0.5]
+    assert [f.index for f in strict] == list(range(1, len(strict) + 1))
     one = detect(detector, model_input, spec, samples=1, seed=7)
     assert all(f.detection_rate == 1.0 and f.score_spread == 0 and f.box_spread_mm == 0 for f in one)
 
@@ -286,7 +290,10 @@ def test_cli_gives_a_model_a_guided_detector_whose_findings_infer_reports(tmp_pa
     assert model.device_uid != plain.device_uid  # a detector changes what the model reports
 
     # infer reports the detector's findings (a zero score threshold makes the untrained one find some)
-    loose = replace(detector, spec=detector.spec.model_copy(update={"score_threshold": 0.0}))
+    assert detector.spec.report_score == 0.5  # only findings more likely lesion than not
+    loose = replace(
+        detector, spec=detector.spec.model_copy(update={"score_threshold": 0.0, "report_score": 0.0})
+    )
     model = replace(model, detector=loose)
     volume = read_volume(manifest.image_dir(manifest.manifest.cases[0]))
     prediction = infer(volume, model, samples=2, seed=5)
