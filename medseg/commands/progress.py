@@ -6,7 +6,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 
 @contextmanager
@@ -27,5 +34,27 @@ def progress_bar(description: str, *, quiet: bool) -> Iterator[Callable[[int, in
 
         def update(done: int, total: int) -> None:
             progress.update(task, completed=done, total=total)
+
+        yield update
+
+
+@contextmanager
+def status_bar(label: str, console: Console, *, quiet: bool) -> Iterator[Callable[[int, int, str], None]]:
+    """A ``(done, total, status)`` callback drawing one bar with the time left and a status line (the
+    training commands' epoch and loss); a no-op when quiet."""
+    with Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.description}"),
+        console=console,
+        transient=True,
+        disable=quiet,
+    ) as bar:
+        task = bar.add_task("", total=None)
+
+        def update(done: int, total: int, status: str) -> None:
+            bar.update(task, completed=done, total=total, description=status)
 
         yield update

@@ -34,6 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from medseg.commands.progress import status_bar
     from medseg.model import choose_device
     from medseg.model_spec import load_spec
     from medseg.training import train
@@ -42,19 +43,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--freeze-encoder needs --init MODEL (there is no trained encoder to keep)")
     spec = load_spec(args.spec)
     console = Console(stderr=True, quiet=args.quiet)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    with Progress(
-        TextColumn("training"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.description}"),
-        console=console,
-        transient=True,
-        disable=args.quiet,
-    ) as bar:
-        task = bar.add_task("", total=None)
+    with status_bar("training", console, quiet=args.quiet) as progress:
         result = train(
             spec,
             args.dataset,
@@ -68,9 +58,7 @@ def run(args: argparse.Namespace) -> int:
             sites=args.site,
             device=choose_device(args.device),
             command=args.command_line,
-            progress=lambda done, total, status: bar.update(
-                task, completed=done, total=total, description=status
-            ),
+            progress=progress,
         )
     console.print(
         f"model {result.model.spec.name}: best validation Dice {result.best_dice:.4f} "

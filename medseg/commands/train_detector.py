@@ -31,25 +31,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from medseg.commands.progress import status_bar
     from medseg.model import choose_device, load_model
     from medseg.training import train_lesion_detector
 
     device = choose_device(args.device)
     model = load_model(args.model, device=device)
     console = Console(stderr=True, quiet=args.quiet)
-    with Progress(
-        TextColumn("detector"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.description}"),
-        console=console,
-        transient=True,
-        disable=args.quiet,
-    ) as bar:
-        task = bar.add_task("", total=None)
+    with status_bar("detector", console, quiet=args.quiet) as progress:
         saved = train_lesion_detector(
             model,
             args.dataset,
@@ -60,9 +50,7 @@ def run(args: argparse.Namespace) -> int:
             sites=args.site,
             device=device,
             command=args.command_line,
-            progress=lambda done, total, status: bar.update(
-                task, completed=done, total=total, description=status
-            ),
+            progress=progress,
         )
     console.print(f"{saved.detector!r} -> {args.output}")
     return 0

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from dicom_io.image_writer import deterministic_uid
 from medseg.calibration import ContestedVoxels, candidate_ratio, fit_decision_weights
@@ -18,8 +17,7 @@ from medseg.evaluation import dice_per_class
 from medseg.inference import decision_scores
 from medseg.model import SHIPPED_DIR, load_model
 from medseg.model_spec import ModelSpecError, parse_spec
-from medseg.synth import generate_dataset, load_site
-from tests.medseg.tiny_model import tiny_spec_data
+from tests.medseg.tiny_model import tiny_spec_data, train_tiny_model
 
 SPEC = parse_spec(tiny_spec_data(), "tiny")  # 8 labels, lesion (8) focal
 
@@ -93,14 +91,8 @@ def test_bad_calibration_input_is_refused() -> None:
 
 @pytest.mark.slow
 def test_cli_calibrates_a_trained_model_with_a_new_device_uid(tmp_path: Path) -> None:
-    dataset = tmp_path / "ds"
-    generate_dataset(dataset, [load_site("site_a")], 3, seed=2, matrix=64, slices=24)
-    data = tiny_spec_data(spacing_mm=8.0)
-    data["training"].update(patch_size=[32, 32, 32], batch_size=1, epochs=1, iterations_per_epoch=2)
-    spec_path = tmp_path / "tiny.yaml"
-    spec_path.write_text(yaml.safe_dump(data))
-    base, calibrated = tmp_path / "base", tmp_path / "calibrated"
-    assert main(["-q", "train", str(spec_path), str(dataset), "-o", str(base), "--seed", "1"]) == 0
+    dataset, base = train_tiny_model(tmp_path)
+    calibrated = tmp_path / "calibrated"
     args = ["-q", "calibrate", str(base), str(dataset), "-o", str(calibrated), "--samples", "2"]
     assert main(args) == 0
     before, after = load_model(base), load_model(calibrated)

@@ -38,9 +38,9 @@ from medseg.inference import detector_findings, infer
 from medseg.model import load_model
 from medseg.model_spec import MODELS_DIR, ModelSpec, ModelSpecError, parse_spec
 from medseg.preprocess import ModelInput, plan_grid, to_model
-from medseg.synth import generate_dataset, load_site, synthesize_case
+from medseg.synth import load_site, synthesize_case
 from medseg.synth.dataset import load_dataset
-from tests.medseg.tiny_model import tiny_spec_data
+from tests.medseg.tiny_model import train_tiny_model
 
 
 def _model_spec_12mm() -> ModelSpec:
@@ -267,14 +267,8 @@ def test_a_guided_detector_reads_the_probability_as_its_last_channel() -> None:
 
 
 def test_cli_gives_a_model_a_guided_detector_whose_findings_infer_reports(tmp_path: Path) -> None:
-    dataset = tmp_path / "ds"
-    generate_dataset(dataset, [load_site("site_a")], 3, seed=2, matrix=64, slices=24)
-    data = tiny_spec_data(spacing_mm=8.0)
-    data["training"].update(patch_size=[32, 32, 32], batch_size=1, epochs=1, iterations_per_epoch=2)
-    spec_path = tmp_path / "tiny.yaml"
-    spec_path.write_text(yaml.safe_dump(data))
-    base, guided = tmp_path / "base", tmp_path / "guided"
-    assert main(["-q", "train", str(spec_path), str(dataset), "-o", str(base), "--seed", "1"]) == 0
+    dataset, base = train_tiny_model(tmp_path)
+    guided = tmp_path / "guided"
     args = ["-q", "train-detector", str(base), str(dataset), "-o", str(guided)]
     args += ["--epochs", "1", "--iterations", "2", "--seed", "3"]
     assert main(args) == 0
