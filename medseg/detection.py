@@ -100,7 +100,7 @@ class DetectionSpec(BaseModel):
     # ... plus, when set, the segmentation's Monte-Carlo mean probability of this (focal) label as the last
     # channel (Retina U-Net's idea: the segmentation's pixel-level supervision guides the box detector)
     guide_label: int | None = Field(default=None, ge=1)
-    # inference: per-sample box selection (MONAI BoxSelector) and sliding windows of patch_size
+    # inference: per-sample box selection (MONAI BoxSelector) and sliding windows (``inference_window``)
     score_threshold: Probability = 0.05
     nms_threshold: Probability = 0.2
     # best-scoring boxes per level and window before NMS: a window holds a few lesions, and MONAI's NMS
