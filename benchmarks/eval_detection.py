@@ -37,13 +37,12 @@ def evaluate(
     from medseg.inference import infer
     from medseg.model import load_model
     from medseg.synth.dataset import Split, load_dataset, load_lesions
-    from medseg.training import split_entries
 
     model = load_model(model_name)
     if model.detector is None:
         raise ValueError(f"model {model_name} has no lesion detector; train one with medseg train-detector")
     dataset = load_dataset(dataset_path)
-    entries = split_entries(dataset, Split(split), sites)
+    entries = dataset.split_entries(Split(split), sites)
     log.info("%r; %d %s cases", model, len(entries), split)
     results: dict[str, list[ScanFindings]] = {source: [] for source in SOURCES}
     for entry in entries:

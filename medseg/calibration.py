@@ -10,14 +10,13 @@ The probabilities, entropy and mutual information reported stay the network's.
 
 The fit is coordinate ascent over a fixed grid of factors, maximising the mean over cases of each case's
 mean Dice over the non-focal structures on the source grid, with the Monte-Carlo mean probabilities
-inference uses (``medseg.inference.sample_on_grid``) interpolated there as the label map is. (A first
+inference uses (``medseg.inference.mean_probabilities``) interpolated there as the label map is. (A first
 version fitted on the model grid against nearest-neighbour labels: on the val split that moved every
 organ inwards, and on held-out cases it lowered liver and kidneys on the source grid.) Lesion-like (focal)
 labels keep 1: their findings come from the probabilities, and their Dice on a few voxels would make the
-fit noisy. Only the voxels whose
-winner some factor on the grid could change are kept per case (a few per cent: borders), so a fit over
-dozens of cases takes seconds. The one-piece step (``largest_components_only``) is left out of the fit; it
-removes islands, which the factors hardly move.
+fit noisy. Only the voxels whose winner some factor on the grid could change are kept per case (a few
+per cent: borders), so a fit over dozens of cases takes seconds. The one-piece step
+(``largest_components_only``) is left out of the fit; it removes islands, which the factors hardly move.
 """
 
 from __future__ import annotations
@@ -32,12 +31,12 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from medseg.inference import sample_on_grid
+from medseg.inference import mean_probabilities
 from medseg.model import Model, save_model
 from medseg.model_spec import ModelSpec
 from medseg.preprocess import map_to_source, to_model
 from medseg.synth.dataset import Split, SynthDataset, load_dataset
-from medseg.training import read_labelled_case, split_entries
+from medseg.training import read_labelled_case
 
 log = logging.getLogger(__name__)
 
@@ -204,15 +203,14 @@ def calibration_cases(
     n = spec.uncertainty.samples if samples is None else samples
     device = device or next(model.network.parameters()).device
     ratio = candidate_ratio(spec, candidates)
-    entries = split_entries(dataset, Split.VAL, sites)
+    entries = dataset.split_entries(Split.VAL, sites)
     out = []
     for i, entry in enumerate(entries):
         volume, labels = read_labelled_case(dataset, entry)
         model_input = to_model(volume, spec)
-        window_output, sampler = sample_on_grid(
-            model_input.image, model, samples=n, seed=spec.uncertainty.seed, device=device
+        mean_p = mean_probabilities(
+            model, model_input.image, samples=n, seed=spec.uncertainty.seed, device=device
         )
-        mean_p = sampler.channels.mean(window_output)
         on_source = torch.stack(
             [torch.from_numpy(map_to_source(channel, model_input.grid)) for channel in mean_p]
         )

@@ -431,7 +431,7 @@ def load_detection_cases(
 ) -> list[DetectionCase]:
     """Read one split onto the model grid (``to_model``, as inference does), lesions as voxel boxes;
     with ``guide``, its probability is appended as the last channel (``with_guide``)."""
-    entries = [e for e in dataset.manifest.select(split=split) if not sites or e.site in sites]
+    entries = dataset.split_entries(Split(split), sites)
     cases = []
     for n, entry in enumerate(entries, start=1):
         model_input = to_model(read_volume(dataset.image_dir(entry)), model_spec)
@@ -453,11 +453,6 @@ def load_detection_cases(
         )
         if progress is not None:
             progress(n, len(entries), f"loading {Split(split)} case {entry.case_id}")
-    if not cases:
-        raise DetectionError(
-            f"dataset {dataset.manifest_path}: no {Split(split)} cases"
-            f"{' for ' + ', '.join(sites) if sites else ''} to load"
-        )
     return cases
 
 

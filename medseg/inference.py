@@ -259,13 +259,13 @@ def sample_on_grid(
     return out[window].float().cpu(), sampler
 
 
-def focal_probability(
-    model: Model, model_input: ModelInput, label: int, *, samples: int, seed: int, device: torch.device
+def mean_probabilities(
+    model: Model, image: torch.Tensor, *, samples: int, seed: int, device: torch.device
 ) -> torch.Tensor:
-    """The Monte-Carlo mean probability of one label on the model grid, as ``infer`` computes it: what a
-    guided detector (``medseg.detection``) reads beside the image, in training as at inference."""
-    out, sampler = sample_on_grid(model_input.image, model, samples=samples, seed=seed, device=device)
-    return sampler.channels.mean(out)[label]
+    """The (C, X, Y, Z) Monte-Carlo mean class probabilities of an image on the model grid, as ``infer``
+    computes them: what calibration fits on and what a guided detector reads beside the image."""
+    out, sampler = sample_on_grid(image, model, samples=samples, seed=seed, device=device)
+    return sampler.channels.mean(out)
 
 
 def detector_findings(

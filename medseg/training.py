@@ -41,7 +41,7 @@ from dicom_io.reader import read_volume
 from dicom_io.volume import ImageVolume, Modality
 from medseg.detection import DetectionSpec, load_detection_cases, train_detector
 from medseg.evaluation import dice_per_class
-from medseg.inference import focal_probability
+from medseg.inference import mean_probabilities
 from medseg.model import Model, ModelProvenance, load_model, save_model
 from medseg.model_spec import IntensityKind, ModelSpec, TrainingSpec
 from medseg.networks import SegmentationNet
@@ -73,22 +73,12 @@ def read_labelled_case(
     return volume, align_to_volume(stored, label_affine, volume, what=f"case {entry.case_id}")
 
 
-def split_entries(dataset: SynthDataset, split: Split, sites: Sequence[str] = ()) -> list[CaseEntry]:
-    """The manifest's cases of one split (optionally only some sites); an error when there are none."""
-    entries = [e for e in dataset.manifest.select(split=split) if not sites or e.site in sites]
-    if not entries:
-        raise ValueError(
-            f"dataset {dataset.manifest_path}: no {split} cases{' for ' + ', '.join(sites) if sites else ''}"
-        )
-    return entries
-
-
 def load_cases(
     dataset: SynthDataset, spec: ModelSpec, split: Split, *, sites: Sequence[str] = ()
 ) -> list[TrainingCase]:
     """Read the cases of one split (optionally only some sites) onto the model grid."""
     cases = []
-    for entry in split_entries(dataset, split, sites):
+    for entry in dataset.split_entries(split, sites):
         volume, labels = read_labelled_case(dataset, entry)
         model_input = to_model(volume, spec)
         cases.append(
@@ -577,7 +567,7 @@ def train_lesion_detector(
     """Train a RetinaNet lesion detector guided by ``model``'s focal label and save ``model`` with it.
 
     The detector reads the model's input channels plus the model's Monte-Carlo mean probability of its one
-    focal label (``focal_probability``, exactly as ``infer`` makes it), on the train and val cases (no
+    focal label (``mean_probabilities``, exactly as ``infer`` makes them), on the train and val cases (no
     epoch is selected on val, so both can teach it). ``progress`` sees the cases loaded, then the steps.
     """
     if output.resolve() == model.folder.resolve():
@@ -603,12 +593,13 @@ def train_lesion_detector(
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dataset = load_dataset(dataset_path)
     for split in (Split.TRAIN, Split.VAL):
-        split_entries(dataset, split, sites)  # refuse a missing split before minutes of loading
+        dataset.split_entries(split, sites)  # refuse a missing split before minutes of loading
 
     def guide(model_input: ModelInput) -> torch.Tensor:
-        return focal_probability(
-            model, model_input, focal[0], samples=spec.samples, seed=spec.seed, device=device
+        probabilities = mean_probabilities(
+            model, model_input.image, samples=spec.samples, seed=spec.seed, device=device
         )
+        return probabilities[focal[0]]
 
     cases = [
         case

@@ -238,12 +238,12 @@ def _markdown(
             else ""
         ),
     ]
-    scans_of: dict[str, Callable[[CaseEvaluation], ScanFindings]] = {"reported": lambda e: e.lesions}
     source = evaluations[0].lesion_source
+    sources: list[tuple[str, Callable[[CaseEvaluation], ScanFindings]]] = [(source, lambda e: e.lesions)]
     if source != "segmentation":
-        scans_of["segmentation lesion channel, for comparison"] = lambda e: e.channel_lesions
-    for title, scans in scans_of.items():
-        lines += _lesion_lines(evaluations, source if title == "reported" else title, scans)
+        sources.append(("segmentation lesion channel, for comparison", lambda e: e.channel_lesions))
+    for name, scans_of in sources:
+        lines += _lesion_lines(evaluations, name, scans_of)
     lines += [
         "",
         "## Uncertainty under shift",

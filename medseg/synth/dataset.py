@@ -157,6 +157,15 @@ class SynthDataset:
     def lesions(self, case: CaseEntry) -> Path:
         return self.root / case.lesions
 
+    def split_entries(self, split: Split, sites: Sequence[str] = ()) -> list[CaseEntry]:
+        """The manifest's cases of one split (optionally only some sites); an error when there are none."""
+        entries = [e for e in self.manifest.select(split=split) if not sites or e.site in sites]
+        if not entries:
+            raise DatasetError(
+                f"dataset {self.manifest_path}: no {split} cases{' for ' + ', '.join(sites) if sites else ''}"
+            )
+        return entries
+
 
 @dataclass(frozen=True, repr=False)
 class SynthCase:
