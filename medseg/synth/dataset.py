@@ -226,7 +226,13 @@ def case_grid(
 
 
 def synthesize_case(
-    site: SiteProfile, seed: int, index: int, *, matrix: int | None = None, slices: int | None = None
+    site: SiteProfile,
+    seed: int,
+    index: int,
+    *,
+    matrix: int | None = None,
+    slices: int | None = None,
+    scanner: SiteProfile | None = None,
 ) -> SynthCase:
     """Generate one case of ``site`` in memory (no I/O).
 
@@ -239,7 +245,16 @@ def synthesize_case(
     matrix, slices
         Override the site's in-plane matrix and slice count (quick tries, tests); spacing in z and the
         field of view stay the site's.
+    scanner
+        Reconstruct with another site's scanner (blur, kernel, noise, HU calibration) instead of the
+        site's own. Anatomy, contrast phase and grid stay those of ``site``'s case, so a scanner shift
+        can be measured paired with the same case as ``site`` images it (the same patient, rescanned).
     """
+    if scanner is not None and scanner.modality is not site.modality:
+        raise ValueError(
+            f"cannot image a {site.name} ({site.modality.value}) case on {scanner.name}'s "
+            f"{scanner.modality.value} scanner"
+        )
     n = matrix or site.acquisition.matrix
     nk = slices or site.acquisition.slices
     cseed = case_seed(seed, site.name, index)
@@ -257,8 +272,8 @@ def synthesize_case(
     )
     thickness = site.acquisition.slice_thickness_mm
     phantom = build_phantom(grid, rng, lesions=plan, slice_thickness_mm=thickness)
-    rec = site.reconstruction
-    scanner = ScannerModel(
+    rec = (scanner or site).reconstruction
+    scanner_model = ScannerModel(
         blur_sigma_mm=rec.blur_sigma_mm,
         sharpen=rec.sharpen,
         noise_sigma=rec.noise_sigma,
@@ -268,21 +283,25 @@ def synthesize_case(
     )
     if site.modality is Modality.CT:
         raw = render_ct(phantom, rng, phase)
-        image = simulate_scanner(raw, phantom, rng, scanner, slice_thickness_mm=thickness)
+        image = simulate_scanner(raw, phantom, rng, scanner_model, slice_thickness_mm=thickness)
         np.clip(image, -1024.0, 3071.0, out=image)
     else:
         raw = render_mr(phantom, rng, phase)
-        image = simulate_scanner(raw, phantom, rng, scanner, slice_thickness_mm=thickness, magnitude=True)
+        image = simulate_scanner(
+            raw, phantom, rng, scanner_model, slice_thickness_mm=thickness, magnitude=True
+        )
         image *= np.float32(rec.intensity_scale)
         np.clip(image, 0.0, 65535.0, out=image)
     np.rint(image, out=image)  # what the series stores: integers with slope 1
 
     case_id = f"{site.name}-{index:04d}"
     size = f"{nk}x{n}x{n}"
+    if scanner is not None:  # a new series of the same patient, from the other site's machine
+        size += f"-on-{scanner.name}"
     date = dt.date(2020, 1, 1) + dt.timedelta(days=int(cseed % 1461))
     tod = int(cseed // 1461 % 36000)
     mr = site.mr
-    eq = site.equipment
+    eq = (scanner or site).equipment
     header = SeriesHeader(
         modality=site.modality,
         patient_name=f"SYNTH^{site.name.upper()}^{index:04d}",
@@ -308,8 +327,8 @@ def synthesize_case(
         device_serial_number=eq.device_serial_number,
         software_versions=eq.software_versions,
         slice_thickness_mm=thickness,
-        convolution_kernel=site.acquisition.convolution_kernel,
-        kvp=site.acquisition.kvp,
+        convolution_kernel=(scanner or site).acquisition.convolution_kernel,
+        kvp=(scanner or site).acquisition.kvp,
         mr=None
         if mr is None
         else MRAcquisition(

@@ -178,6 +178,26 @@ def test_sites_have_different_intensity_statistics() -> None:
     assert abs(stats["site_b"][1]) != abs(stats["site_c"][1])
 
 
+def test_rescan_on_another_scanner_keeps_the_patient() -> None:
+    """The paired scanner shift: same anatomy, phase and grid; the other scanner's noise and calibration."""
+    own = _case("site_c")
+    rescanned = synthesize_case(
+        load_site("site_c"), 7, 0, matrix=MATRIX, slices=SLICES, scanner=load_site("site_d")
+    )
+    assert np.array_equal(own.labels, rescanned.labels) and np.array_equal(own.affine, rescanned.affine)
+    assert own.phase is rescanned.phase and own.lesions == rescanned.lesions
+    core = ndimage.binary_erosion(own.labels == Label.LIVER, iterations=2)
+
+    def noise(image: np.ndarray) -> float:
+        return float((image - ndimage.uniform_filter(image, size=(1, 5, 5)))[core].std())
+
+    assert noise(rescanned.image) > 2 * noise(own.image)  # site_d: sigma 45 HU, site_c: 7 HU
+    assert rescanned.header.manufacturer == load_site("site_d").equipment.manufacturer
+    assert rescanned.header.series_instance_uid != own.header.series_instance_uid
+    with pytest.raises(ValueError, match="site_mr"):
+        synthesize_case(load_site("site_c"), 7, 0, matrix=MATRIX, slices=SLICES, scanner=load_site("site_mr"))
+
+
 def test_mr_site_has_bias_field_and_t1_contrast() -> None:
     case = _case("site_mr")
     assert case.site.modality is Modality.MR and case.image.min() >= 0
