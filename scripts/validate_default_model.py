@@ -128,18 +128,18 @@ def main() -> None:
         )
         return prediction
 
+    unseen = load_site(UNSEEN_SITE)
     for site in TRAINING_SITES:
+        profile = load_site(site)
         for index in range(args.cases):
-            case = synthesize_case(load_site(site), args.seed, index, slices=args.slices)
+            case = synthesize_case(profile, args.seed, index, slices=args.slices)
             prediction = run(case, case.image, site, "clean")
             if calibrated:
                 label_map = argmax_to_source(
                     decision_scores(prediction.mean_probabilities, unweighted_spec), prediction.grid
                 )
                 unweighted[site].append(dice_scores(label_map, case.labels, spec))
-            rescanned = synthesize_case(
-                load_site(site), args.seed, index, slices=args.slices, scanner=load_site(UNSEEN_SITE)
-            )
+            rescanned = synthesize_case(profile, args.seed, index, slices=args.slices, scanner=unseen)
             run(rescanned, rescanned.image, site, UNSEEN_SCANNER)
             through_grid = grid_round_trip(case.labels, case.affine, spec)
             ceilings[site].append(dice_scores(through_grid, case.labels, spec))
@@ -150,7 +150,7 @@ def main() -> None:
                 short = _short_scan(case)
                 run(short, short.image, site, SHORT_SCAN)
     for index in range(args.cases):
-        case = synthesize_case(load_site(UNSEEN_SITE), args.seed, index, slices=args.slices)
+        case = synthesize_case(unseen, args.seed, index, slices=args.slices)
         run(case, case.image, UNSEEN_SITE, "unseen site")
 
     REPORTS.mkdir(exist_ok=True)
@@ -345,6 +345,11 @@ def _lesion_lines(
     return lines
 
 
+def _ratio(shifted: float, clean: float) -> float:
+    """shifted / clean; not a number where the clean case has no mutual information (one sample)."""
+    return shifted / clean if clean > 0 else float("nan")
+
+
 def _paired_shift_lines(evaluations: list[CaseEvaluation]) -> list[str]:
     """Each shifted case against the same case clean: the table above compares shifted cases with the mean
     of all clean cases, where a case-to-case difference (anatomy, how much lung a scan covers) can pass
@@ -368,15 +373,18 @@ def _paired_shift_lines(evaluations: list[CaseEvaluation]) -> list[str]:
     for condition, both in pairs.items():
         if not both:
             continue
-        voxel = [a.mean_mutual_information_foreground / c.mean_mutual_information_foreground for c, a in both]
+        voxel = [
+            _ratio(a.mean_mutual_information_foreground, c.mean_mutual_information_foreground)
+            for c, a in both
+        ]
         structure = [
-            a.mean_structure_mutual_information / c.mean_structure_mutual_information for c, a in both
+            _ratio(a.mean_structure_mutual_information, c.mean_structure_mutual_information) for c, a in both
         ]
         lower_agreement = sum(a.mean_sample_agreement < c.mean_sample_agreement for c, a in both)
         lines.append(
             f"| {condition} | {len(both)} | {sum(r > 1 for r in voxel)}/{len(both)} | "
-            f"{np.median(voxel):.2f} ({min(voxel):.2f}-{max(voxel):.2f}) | "
-            f"{sum(r > 1 for r in structure)}/{len(both)} | {np.median(structure):.2f} | "
+            f"{np.nanmedian(voxel):.2f} ({np.nanmin(voxel):.2f}-{np.nanmax(voxel):.2f}) | "
+            f"{sum(r > 1 for r in structure)}/{len(both)} | {np.nanmedian(structure):.2f} | "
             f"{lower_agreement}/{len(both)} |"
         )
     lines += [
@@ -391,8 +399,9 @@ def _paired_shift_lines(evaluations: list[CaseEvaluation]) -> list[str]:
                 base.mean_mutual_information_foreground,
                 shifted.mean_mutual_information_foreground,
             )
+            ratio = _ratio(after, before)
             lines.append(
-                f"| {condition} | {shifted.case_id} | {before:.4f} | {after:.4f} | {after / before:.2f} | "
+                f"| {condition} | {shifted.case_id} | {before:.4f} | {after:.4f} | {ratio:.2f} | "
                 f"{base.mean_sample_agreement:.3f} -> {shifted.mean_sample_agreement:.3f} |"
             )
     return lines

@@ -272,7 +272,8 @@ def synthesize_case(
     )
     thickness = site.acquisition.slice_thickness_mm
     phantom = build_phantom(grid, rng, lesions=plan, slice_thickness_mm=thickness)
-    rec = (scanner or site).reconstruction
+    imaging = scanner or site  # whose scanner reconstructs the image and is named in the header
+    rec = imaging.reconstruction
     scanner_model = ScannerModel(
         blur_sigma_mm=rec.blur_sigma_mm,
         sharpen=rec.sharpen,
@@ -301,7 +302,7 @@ def synthesize_case(
     date = dt.date(2020, 1, 1) + dt.timedelta(days=int(cseed % 1461))
     tod = int(cseed // 1461 % 36000)
     mr = site.mr
-    eq = (scanner or site).equipment
+    eq = imaging.equipment
     header = SeriesHeader(
         modality=site.modality,
         patient_name=f"SYNTH^{site.name.upper()}^{index:04d}",
@@ -327,8 +328,8 @@ def synthesize_case(
         device_serial_number=eq.device_serial_number,
         software_versions=eq.software_versions,
         slice_thickness_mm=thickness,
-        convolution_kernel=(scanner or site).acquisition.convolution_kernel,
-        kvp=(scanner or site).acquisition.kvp,
+        convolution_kernel=imaging.acquisition.convolution_kernel,
+        kvp=imaging.acquisition.kvp,
         mr=None
         if mr is None
         else MRAcquisition(
