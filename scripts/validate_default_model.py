@@ -2,9 +2,11 @@
 
 Generates fresh cases (a dataset seed never used for training) from every training site, plus the same
 cases with injected artefacts (metal, noise, motion), cut to a short series (a 48 mm slab, as a limited
-scan arrives), cases from the held-out ``site_d`` scanner and every clean case rescanned on that scanner
-(the same patient, anatomy and grid, with site_d's noise, kernel and HU calibration), runs Monte-Carlo
-inference on each and writes ``validation_reports/<model>.md`` and ``.json``.
+scan arrives), cases from the held-out sites ``site_d`` (a noisy low-dose scanner) and ``site_e`` (a late
+arterial-phase protocol), every clean case rescanned on site_d's scanner (the same patient, anatomy and
+grid, with site_d's noise, kernel and HU calibration) and every clean case imaged in the arterial phase
+(the same patient, scanner and grid), runs Monte-Carlo inference on each and writes
+``validation_reports/<model>.md`` and ``.json``.
 
     .venv/bin/python scripts/validate_default_model.py                 # the shipped default_ct
     .venv/bin/python scripts/validate_default_model.py --model DIR --cases 2 --slices 200
@@ -44,18 +46,25 @@ from medseg.evaluation import (
 from medseg.inference import Prediction, decision_scores, infer
 from medseg.model import load_model
 from medseg.preprocess import argmax_to_source
-from medseg.synth import SynthCase, load_site, synthesize_case
+from medseg.synth import ContrastPhase, SynthCase, load_site, synthesize_case
 from medseg.synth.artefacts import Artefact, inject
 
 REPORTS = Path(__file__).resolve().parents[1] / "validation_reports"
 TRAINING_SITES = ("site_a", "site_b", "site_c")
-UNSEEN_SITE = "site_d"
+UNSEEN_SITES = ("site_d", "site_e")  # never trained on; site_d's shift lies inside the augmentation's ranges
+UNSEEN_SITE = UNSEEN_SITES[0]  # whose scanner rescans every clean case
 FP_RATES = (0.25, 0.5, 1.0, 2.0, 4.0)
 SHORT_SCAN_MM = 48.0
 SHORT_SCAN = "short scan"
 UNSEEN_SCANNER = f"{UNSEEN_SITE} scanner"  # a clean case's patient, imaged on the unseen site's scanner
 ALTERED = (*(a.value for a in Artefact), SHORT_SCAN)  # conditions made from the first clean case
-PAIRED = (*ALTERED, UNSEEN_SCANNER)  # conditions with the same case clean to compare against
+ARTERIAL_PHASE = "arterial phase"  # a clean case's patient, scanned in a phase no training site uses
+PAIRED = (*ALTERED, UNSEEN_SCANNER, ARTERIAL_PHASE)  # conditions with the same case clean to compare against
+
+
+def _unseen(site: str) -> str:
+    """The condition of a held-out site's own cases."""
+    return f"unseen {site}"
 
 
 def _volume(image: np.ndarray, affine: np.ndarray, case_id: str) -> ImageVolume:
@@ -128,7 +137,8 @@ def main() -> None:
         )
         return prediction
 
-    unseen = load_site(UNSEEN_SITE)
+    held_out_sites = {site: load_site(site) for site in UNSEEN_SITES}
+    unseen = held_out_sites[UNSEEN_SITE]
     for site in TRAINING_SITES:
         profile = load_site(site)
         for index in range(args.cases):
@@ -141,6 +151,10 @@ def main() -> None:
                 unweighted[site].append(dice_scores(label_map, case.labels, spec))
             rescanned = synthesize_case(profile, args.seed, index, slices=args.slices, scanner=unseen)
             run(rescanned, rescanned.image, site, UNSEEN_SCANNER)
+            arterial = synthesize_case(
+                profile, args.seed, index, slices=args.slices, phase=ContrastPhase.ARTERIAL
+            )
+            run(arterial, arterial.image, site, ARTERIAL_PHASE)
             through_grid = grid_round_trip(case.labels, case.affine, spec)
             ceilings[site].append(dice_scores(through_grid, case.labels, spec))
             if index == 0:
@@ -149,9 +163,10 @@ def main() -> None:
                     run(case, image, site, artefact.value)
                 short = _short_scan(case)
                 run(short, short.image, site, SHORT_SCAN)
-    for index in range(args.cases):
-        case = synthesize_case(unseen, args.seed, index, slices=args.slices)
-        run(case, case.image, UNSEEN_SITE, "unseen site")
+    for held_out, profile in held_out_sites.items():
+        for index in range(args.cases):
+            case = synthesize_case(profile, args.seed, index, slices=args.slices)
+            run(case, case.image, held_out, _unseen(held_out))
 
     REPORTS.mkdir(exist_ok=True)
     name = spec.name if args.model == "default_ct" else Path(args.model).name
@@ -193,9 +208,11 @@ def _markdown(
         "",
         f"Device UID `{device_uid}`. Dataset seed {args.seed} (never used in training), "
         f"{args.cases} clean cases per training site, artefacts injected into the first case of each "
-        f"site and its middle {SHORT_SCAN_MM:g} mm as a short scan, {args.cases} cases from the held-out "
-        f"scanner `{UNSEEN_SITE}`, and every clean case rescanned on `{UNSEEN_SITE}`'s scanner (same "
-        "patient and grid; its noise, kernel and HU calibration). "
+        f"site and its middle {SHORT_SCAN_MM:g} mm as a short scan, {args.cases} cases from each held-out "
+        f"site ({', '.join(f'`{s}`' for s in UNSEEN_SITES)}), every clean case rescanned on "
+        f"`{UNSEEN_SITE}`'s scanner (same patient and grid; its noise, kernel and HU calibration) and "
+        "every clean case in the late arterial phase (same patient, scanner and grid; a phase no "
+        "training site scans in). "
         "Regenerate: `.venv/bin/python scripts/validate_default_model.py`.",
         "",
         "## Dice on clean held-out cases (source grid)",
@@ -217,6 +234,14 @@ def _markdown(
         + " | ".join("{:.3f}-{:.3f}".format(*bootstrap_interval([e.dice[k] for e in clean])) for k in labels)
         + " |"
     )
+    for site in UNSEEN_SITES:
+        rows = [e for e in evaluations if e.condition == _unseen(site)]
+        if rows:
+            lines.append(
+                f"| {site} (held out) | "
+                + " | ".join(f"{_nanmean([e.dice[k] for e in rows]):.3f}" for k in labels)
+                + " |"
+            )
     if any(unweighted.values()):
         every = [d for site in TRAINING_SITES for d in unweighted[site]]
         for site, site_dice in (*((s, unweighted[s]) for s in TRAINING_SITES), ("all", every)):
@@ -264,7 +289,7 @@ def _markdown(
         "(nats) | sample agreement | mean Dice | structures flagged |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for condition in ["clean", *PAIRED, "unseen site"]:
+    for condition in ["clean", *PAIRED, *map(_unseen, UNSEEN_SITES)]:
         rows = [e for e in evaluations if e.condition == condition]
         if not rows:
             continue
@@ -283,7 +308,7 @@ def _markdown(
 def _lesion_lines(
     evaluations: list[CaseEvaluation], source: str, scans_of: Callable[[CaseEvaluation], ScanFindings]
 ) -> list[str]:
-    """FROC of one source of lesion findings on the clean cases and the unseen site."""
+    """FROC of one source of lesion findings on the clean cases and each held-out site."""
     score = (
         "the finding's mean score over the Monte-Carlo samples (a sample that missed it counts 0)"
         if source == "detector"
@@ -307,15 +332,15 @@ def _lesion_lines(
         "|---|---|---|" + "---|" * (len(FP_RATES) + 1),
     ]
     scans = [scans_of(e) for e in evaluations if e.condition == "clean"]
-    unseen = [scans_of(e) for e in evaluations if e.condition == "unseen site"]
-    curves = {
-        (group, title): froc(group_scans, minimum)
-        for group, group_scans, title, minimum in (
-            ("clean", scans, ">= 10 mm", 10.0),
-            ("clean", scans, "all", 0.0),
-            (UNSEEN_SITE, unseen, ">= 10 mm", 10.0),
-        )
+    unseen = {
+        site: [scans_of(e) for e in evaluations if e.condition == _unseen(site)] for site in UNSEEN_SITES
     }
+    groups = [
+        ("clean", scans, ">= 10 mm", 10.0),
+        ("clean", scans, "all", 0.0),
+        *((site, site_scans, ">= 10 mm", 10.0) for site, site_scans in unseen.items() if site_scans),
+    ]
+    curves = {(group, title): froc(group_scans, minimum) for group, group_scans, title, minimum in groups}
     for (group, title), (points, total) in curves.items():
         at = [sensitivity_at(points, r) for r in FP_RATES]
         one = sensitivity_at(points, 1.0)
@@ -333,12 +358,12 @@ def _lesion_lines(
         + ", ".join(f"{kind} {found}/{total}" for kind, (found, total) in kinds.items())
         + ".",
     ]
-    if unseen:
-        points, total = curves[UNSEEN_SITE, ">= 10 mm"]
+    for site in (site for site, site_scans in unseen.items() if site_scans):
+        points, total = curves[site, ">= 10 mm"]
         kept = at_threshold(points, operating)
         lines += [
             "",
-            f"On the held-out {UNSEEN_SITE} at that same threshold (a site's radiologists get the "
+            f"On the held-out {site} at that same threshold (a site's radiologists get the "
             f"threshold chosen on the training sites): {kept.found}/{total} lesions >= 10 mm found, "
             f"{kept.fp_per_scan:.1f} false positives per scan.",
         ]

@@ -88,6 +88,7 @@ class ContrastPhase(StrEnum):
     """Whether iodinated contrast was given (CT) or gadolinium (MR), and when."""
 
     NON_CONTRAST = "non_contrast"
+    ARTERIAL = "arterial"  # late arterial (~35 s): bright aorta and kidneys, liver barely enhanced
     PORTAL_VENOUS = "portal_venous"
 
 
@@ -131,6 +132,21 @@ _CT_HU: dict[ContrastPhase, dict[Tissue, tuple[float, float]]] = {
         Tissue.KIDNEY_RIGHT: (170.0, 20.0),
         Tissue.AORTA: (200.0, 25.0),
     },
+    ContrastPhase.ARTERIAL: {  # late arterial at 120 kVp: no training site scans in this phase
+        Tissue.AIR: (-1000.0, 0.0),
+        Tissue.FAT: (-100.0, 8.0),
+        Tissue.MUSCLE: (50.0, 5.0),
+        Tissue.BOWEL: (45.0, 10.0),
+        Tissue.LUNG: (-850.0, 25.0),
+        Tissue.BONE: (610.0, 150.0),
+        Tissue.DISC: (85.0, 10.0),
+        Tissue.HEART: (260.0, 40.0),
+        Tissue.LIVER: (75.0, 8.0),
+        Tissue.SPLEEN: (115.0, 15.0),
+        Tissue.KIDNEY_LEFT: (200.0, 30.0),
+        Tissue.KIDNEY_RIGHT: (200.0, 30.0),
+        Tissue.AORTA: (320.0, 50.0),
+    },
 }
 # Low-frequency texture amplitude (HU standard deviation) per tissue.
 _CT_TEXTURE = {
@@ -143,6 +159,11 @@ _CT_TEXTURE = {
     Tissue.SPLEEN: 4.0,
     Tissue.KIDNEY_LEFT: 6.0,
     Tissue.KIDNEY_RIGHT: 6.0,
+}
+# Phases that change a tissue's texture: the spleen enhances unevenly in the arterial phase (arciform
+# pattern), a classic mimic of splenic lesions.
+_CT_TEXTURE_BY_PHASE: dict[ContrastPhase, dict[Tissue, float]] = {
+    ContrastPhase.ARTERIAL: {Tissue.SPLEEN: 25.0},
 }
 # T1-weighted signal (arbitrary units, fat bright, flowing blood dark unless enhanced).
 _MR_T1: dict[ContrastPhase, dict[Tissue, float]] = {
@@ -170,6 +191,15 @@ _MR_T1[ContrastPhase.PORTAL_VENOUS] = {
     Tissue.KIDNEY_RIGHT: 750.0,
     Tissue.AORTA: 800.0,
     Tissue.HEART: 700.0,
+}
+_MR_T1[ContrastPhase.ARTERIAL] = {
+    **_MR_T1[ContrastPhase.NON_CONTRAST],
+    Tissue.LIVER: 600.0,
+    Tissue.SPLEEN: 700.0,
+    Tissue.KIDNEY_LEFT: 850.0,
+    Tissue.KIDNEY_RIGHT: 850.0,
+    Tissue.AORTA: 950.0,
+    Tissue.HEART: 800.0,
 }
 
 
@@ -781,11 +811,12 @@ def _paint_ellipsoid(
 def render_ct(phantom: Phantom, rng: np.random.Generator, phase: ContrastPhase) -> FloatArray:
     """Noise-free attenuation (HU) of every rendered voxel: per-case tissue means plus smooth texture."""
     table = _CT_HU[phase]
+    texture = {**_CT_TEXTURE, **_CT_TEXTURE_BY_PHASE.get(phase, {})}
     lut = np.full(256, -1000.0, dtype=np.float32)
     amp = np.zeros(256, dtype=np.float32)
     for t, (mean, half) in table.items():
         lut[t] = mean + rng.uniform(-half, half)
-        amp[t] = _CT_TEXTURE.get(t, 0.0)
+        amp[t] = texture.get(t, 0.0)
     for lesion in phantom.lesions:
         code = LESION_CODE_BASE + lesion.index
         if lesion.organ is Label.LUNG:

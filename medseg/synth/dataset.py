@@ -233,6 +233,7 @@ def synthesize_case(
     matrix: int | None = None,
     slices: int | None = None,
     scanner: SiteProfile | None = None,
+    phase: ContrastPhase | None = None,
 ) -> SynthCase:
     """Generate one case of ``site`` in memory (no I/O).
 
@@ -249,6 +250,9 @@ def synthesize_case(
         Reconstruct with another site's scanner (blur, kernel, noise, HU calibration) instead of the
         site's own. Anatomy, contrast phase and grid stay those of ``site``'s case, so a scanner shift
         can be measured paired with the same case as ``site`` images it (the same patient, rescanned).
+    phase
+        Image the case in this contrast phase instead of the one the site's protocol draws for it: the
+        same patient and grid, another protocol (a phase no training site uses, paired with itself).
     """
     if scanner is not None and scanner.modality is not site.modality:
         raise ValueError(
@@ -260,11 +264,9 @@ def synthesize_case(
     cseed = case_seed(seed, site.name, index)
     rng = np.random.default_rng(cseed)
     position = _choose(rng, site.acquisition.positions)
-    phase = (
-        ContrastPhase.PORTAL_VENOUS
-        if rng.uniform() < site.acquisition.contrast_probability
-        else ContrastPhase.NON_CONTRAST
-    )
+    enhanced = rng.uniform() < site.acquisition.contrast_probability
+    site_phase = site.acquisition.contrast_phase if enhanced else ContrastPhase.NON_CONTRAST
+    phase = site_phase if phase is None else phase
     grid = case_grid(site, rng, position, matrix=n, slices=nk)
     rates = site.lesions
     plan = LesionPlan(
@@ -299,6 +301,8 @@ def synthesize_case(
     size = f"{nk}x{n}x{n}"
     if scanner is not None:  # a new series of the same patient, from the other site's machine
         size += f"-on-{scanner.name}"
+    if phase is not site_phase:  # a new series of the same patient, in another contrast phase
+        size += f"-{phase.value}"
     date = dt.date(2020, 1, 1) + dt.timedelta(days=int(cseed % 1461))
     tod = int(cseed // 1461 % 36000)
     mr = site.mr

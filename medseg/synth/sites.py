@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from dicom_io.image_writer import PixelEncoding
 from dicom_io.volume import Modality
+from medseg.synth.anatomy import ContrastPhase
 
 SITES_DIR = Path(__file__).resolve().parents[2] / "configs" / "sites"
 
@@ -70,6 +71,7 @@ class Acquisition(_Frozen):
     slice_order: SliceOrder = SliceOrder.HEAD_TO_FEET
     positions: dict[PatientPosition, Probability] = Field(default_factory=lambda: {PatientPosition.HFS: 1.0})
     contrast_probability: Probability = 0.5
+    contrast_phase: ContrastPhase = ContrastPhase.PORTAL_VENOUS  # when this site's enhanced scans are taken
     kvp: Positive | None = None
     convolution_kernel: str = ""
 
@@ -78,6 +80,11 @@ class Acquisition(_Frozen):
         total = sum(self.positions.values())
         if not self.positions or abs(total - 1.0) > 1e-6:
             raise ValueError(f"positions probabilities must sum to 1, got {total:g} ({self.positions})")
+        if self.contrast_phase is ContrastPhase.NON_CONTRAST:
+            raise ValueError(
+                "contrast_phase is the phase of the enhanced scans; contrast_probability sets how many "
+                "are unenhanced"
+            )
         return self
 
 
