@@ -188,6 +188,7 @@ class CaseEvaluation:
     case_id: str
     site: str
     condition: str  # "clean", an artefact name, or "unseen site"
+    contrast_phase: str  # the series' contrast phase ("non_contrast", "portal_venous", "arterial")
     dice: dict[str, float]  # structure name -> Dice (NaN when absent from both)
     lesions: ScanFindings  # the reported findings, made by ``lesion_source``
     lesion_source: str  # "detector" or "segmentation" (``Prediction.lesion_source``)
@@ -243,6 +244,7 @@ def evaluate_prediction(
     case_id: str,
     site: str,
     condition: str,
+    contrast_phase: str,
     seconds: float,
 ) -> CaseEvaluation:
     """Everything the validation report needs from one case."""
@@ -257,6 +259,7 @@ def evaluate_prediction(
         case_id=case_id,
         site=site,
         condition=condition,
+        contrast_phase=contrast_phase,
         dice=dice_scores(prediction.label_map, truth, spec),
         lesions=ScanFindings.of(case_id, prediction.lesions, truth_lesions),
         lesion_source=prediction.lesion_source,

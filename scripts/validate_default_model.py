@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -126,6 +127,7 @@ def main() -> None:
             case_id=case.case_id,
             site=site,
             condition=condition,
+            contrast_phase=case.phase.value,
             seconds=time.perf_counter() - started,
         )
         evaluations.append(evaluation)
@@ -234,11 +236,27 @@ def _markdown(
         + " | ".join("{:.3f}-{:.3f}".format(*bootstrap_interval([e.dice[k] for e in clean])) for k in labels)
         + " |"
     )
-    for site in UNSEEN_SITES:
-        rows = [e for e in evaluations if e.condition == _unseen(site)]
+    groups = [
+        *(
+            (
+                f"all, {phase.replace('_', ' ')} ({n} case{'s' * (n != 1)})",
+                [e for e in clean if e.contrast_phase == phase],
+            )
+            for phase, n in sorted(Counter(e.contrast_phase for e in clean).items())
+        ),
+        (
+            "all, in the arterial phase (same patients)",
+            [e for e in evaluations if e.condition == ARTERIAL_PHASE],
+        ),
+        *(
+            (f"{site} (held out)", [e for e in evaluations if e.condition == _unseen(site)])
+            for site in UNSEEN_SITES
+        ),
+    ]
+    for title, rows in groups:
         if rows:
             lines.append(
-                f"| {site} (held out) | "
+                f"| {title} | "
                 + " | ".join(f"{_nanmean([e.dice[k] for e in rows]):.3f}" for k in labels)
                 + " |"
             )
@@ -263,7 +281,10 @@ def _markdown(
         "(`grid_round_trip`); about what a network that learned its training labels exactly would "
         "score, so the gap between a site's row and this one is the network's. A site above it (bone, "
         "lung) gains from the network's soft output, which resolves thin structures that "
-        "nearest-neighbour training labels lose."
+        "nearest-neighbour training labels lose. All, by phase: the clean cases grouped by the "
+        "contrast phase they were scanned in. In the arterial phase: the same clean patients imaged in "
+        "the late arterial phase, which no training site scans in. Held out: each held-out site's own "
+        "cases."
         + (
             " Decision weights all 1: the same predictions with the label map taken from the network's "
             "probabilities as they are, without the model's fitted decision weights (`medseg calibrate`)."

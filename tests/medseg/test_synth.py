@@ -47,6 +47,11 @@ def _case(site: str, index: int = 0, seed: int = 7) -> SynthCase:
     return synthesize_case(load_site(site), seed, index, matrix=MATRIX, slices=SLICES)
 
 
+@cache
+def _case_in_phase(site: str, phase: ContrastPhase) -> SynthCase:
+    return synthesize_case(load_site(site), 7, 0, matrix=MATRIX, slices=SLICES, phase=phase)
+
+
 def _ct_sites() -> tuple[SiteProfile, ...]:
     return list_sites(modality=Modality.CT)
 
@@ -89,17 +94,26 @@ def test_invalid_site_file_names_file_and_field(tmp_path: Path) -> None:
         text["acquisition"]["positions"] = {"HFS": 0.5}
         bad.write_text(json.dumps(text))
         load_site(bad)
-    with pytest.raises(SiteConfigError, match="'mr' section is required"):
+    with pytest.raises(SiteConfigError, match="contrast_phase is the phase of the enhanced scans"):
         text["acquisition"]["positions"] = {"HFS": 1.0}
+        text["acquisition"]["contrast_phase"] = "non_contrast"
+        bad.write_text(json.dumps(text))
+        load_site(bad)
+    with pytest.raises(SiteConfigError, match="'mr' section is required"):
+        text["acquisition"]["contrast_phase"] = "arterial"
         text["modality"] = "MR"
         bad.write_text(json.dumps(text))
         load_site(bad)
 
 
-@pytest.mark.parametrize("site", ["site_a", "site_b", "site_c"])
-def test_organ_intensities_match_labels(site: str) -> None:
+@pytest.mark.parametrize(
+    ("site", "phase"),
+    [("site_a", None), ("site_b", None), ("site_c", None), ("site_c", ContrastPhase.ARTERIAL)],
+)
+def test_organ_intensities_match_labels(site: str, phase: ContrastPhase | None) -> None:
     """Voxel-for-voxel alignment: the mean inside each (eroded) organ is that organ's HU after drift."""
-    case = _case(site)
+    case = _case(site) if phase is None else _case_in_phase(site, phase)
+    assert phase is None or case.phase is phase
     rec = case.site.reconstruction
     assert case.image.shape == case.labels.shape == (SLICES, MATRIX, MATRIX)
     checked = 0
@@ -196,6 +210,30 @@ def test_rescan_on_another_scanner_keeps_the_patient() -> None:
     assert rescanned.header.series_instance_uid != own.header.series_instance_uid
     with pytest.raises(ValueError, match="site_mr"):
         synthesize_case(load_site("site_c"), 7, 0, matrix=MATRIX, slices=SLICES, scanner=load_site("site_mr"))
+
+
+def test_arterial_phase_keeps_the_patient() -> None:
+    """The paired protocol shift: same anatomy, lesions and grid, a new series with arterial enhancement."""
+    own = _case("site_c")
+    arterial = _case_in_phase("site_c", ContrastPhase.ARTERIAL)
+    assert own.phase is not ContrastPhase.ARTERIAL
+    assert np.array_equal(own.labels, arterial.labels) and np.array_equal(own.affine, arterial.affine)
+    assert own.lesions == arterial.lesions
+    assert arterial.header.series_instance_uid != own.header.series_instance_uid
+    assert arterial.header.series_description == "CT arterial"
+
+    def mean_hu(label: Label) -> float:
+        return float(arterial.image[ndimage.binary_erosion(arterial.labels == label)].mean())
+
+    assert mean_hu(Label.AORTA) > mean_hu(Label.LIVER) + 150  # the aorta far brighter than the liver
+    assert mean_hu(Label.KIDNEY_LEFT) > mean_hu(Label.LIVER) + 60
+
+
+def test_held_out_site_e_enhances_in_the_arterial_phase() -> None:
+    site = load_site("site_e")
+    assert site.acquisition.contrast_phase is ContrastPhase.ARTERIAL
+    phases = {synthesize_case(site, 7, i, matrix=64, slices=8).phase for i in range(6)}
+    assert ContrastPhase.ARTERIAL in phases and ContrastPhase.PORTAL_VENOUS not in phases
 
 
 def test_mr_site_has_bias_field_and_t1_contrast() -> None:
