@@ -80,6 +80,10 @@ class Acquisition(_Frozen):
         total = sum(self.positions.values())
         if not self.positions or abs(total - 1.0) > 1e-6:
             raise ValueError(f"positions probabilities must sum to 1, got {total:g} ({self.positions})")
+        return self
+
+    @model_validator(mode="after")
+    def _contrast_phase_is_enhanced(self) -> Acquisition:
         if self.contrast_phase is ContrastPhase.NON_CONTRAST:
             raise ValueError(
                 "contrast_phase is the phase of the enhanced scans; contrast_probability sets how many "
