@@ -183,6 +183,16 @@ def bootstrap_interval(
     return (float(ci.low), float(ci.high))
 
 
+def auroc(positives: Sequence[float], negatives: Sequence[float]) -> float:
+    """Chance that a random positive scores above a random negative, ties counting half (the Mann-Whitney
+    U over the number of pairs): how well a score, such as an uncertainty, separates failures from
+    successes. NaN when either group is empty."""
+    if not positives or not negatives:
+        return float("nan")
+    u = stats.mannwhitneyu(positives, negatives, alternative="two-sided").statistic
+    return float(u) / (len(positives) * len(negatives))
+
+
 @dataclass(frozen=True)
 class CaseEvaluation:
     case_id: str
@@ -198,6 +208,8 @@ class CaseEvaluation:
     mean_structure_mutual_information: float  # mean over present structures (insensitive to coverage)
     mean_sample_agreement: float  # mean over present structures of the pairwise Dice between samples
     flagged: tuple[str, ...]  # structures whose review flag is set
+    structure_mutual_information: dict[str, float]  # mean MI inside each predicted structure, by name
+    structure_agreement: dict[str, float]  # each predicted structure's pairwise Dice between samples
     seconds: float
 
 
@@ -273,5 +285,7 @@ def evaluate_prediction(
         else 0.0,
         mean_sample_agreement=float(np.mean([m.sample_agreement for m in present])) if present else 1.0,
         flagged=tuple(names[m.label] for m in prediction.structures if m.needs_review),
+        structure_mutual_information={names[m.label]: m.mean_mutual_information for m in present},
+        structure_agreement={names[m.label]: m.sample_agreement for m in present},
         seconds=seconds,
     )

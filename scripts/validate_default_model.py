@@ -27,6 +27,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
+from scipy import stats
 
 from dicom_io.image_writer import deterministic_uid
 from dicom_io.volume import GeometryReport, ImageVolume, IntensityUnit, Modality, SeriesContext
@@ -35,6 +36,7 @@ from medseg.evaluation import (
     CaseEvaluation,
     ScanFindings,
     at_threshold,
+    auroc,
     bootstrap_interval,
     dice_scores,
     evaluate_prediction,
@@ -61,6 +63,7 @@ UNSEEN_SCANNER = f"{UNSEEN_SITE} scanner"  # a clean case's patient, imaged on t
 ALTERED = (*(a.value for a in Artefact), SHORT_SCAN)  # conditions made from the first clean case
 ARTERIAL_PHASE = "arterial phase"  # a clean case's patient, scanned in a phase no training site uses
 PAIRED = (*ALTERED, UNSEEN_SCANNER, ARTERIAL_PHASE)  # conditions with the same case clean to compare against
+FAILED_DICE = 0.90  # the organ target of the default model: below it a segmentation has failed
 
 
 def _unseen(site: str) -> str:
@@ -192,6 +195,10 @@ def main() -> None:
     )
     (REPORTS / f"{name}.md").write_text(
         _markdown(model.spec.name, model.device_uid, evaluations, ceilings, unweighted, args)
+        + "\n".join(
+            _error_tracking_lines(evaluations, [label.name for label in spec.labels if not label.focal])
+        )
+        + "\n"
     )
     print(f"wrote {REPORTS / (name + '.md')}")
 
@@ -388,6 +395,74 @@ def _lesion_lines(
             f"threshold chosen on the training sites): {kept.found}/{total} lesions >= 10 mm found, "
             f"{kept.fp_per_scan:.1f} false positives per scan.",
         ]
+    return lines
+
+
+def _error_tracking_lines(evaluations: list[CaseEvaluation], organs: list[str]) -> list[str]:
+    """Whether the uncertainty is high where the segmentation is wrong, over every case and condition:
+    the property a review flag relies on, whatever made the case hard."""
+    mean_dice = [_nanmean([e.dice[o] for o in organs]) for e in evaluations]
+    failed = [d < FAILED_DICE for d in mean_dice]
+
+    def split(scores: list[float], bad: list[bool]) -> tuple[list[float], list[float]]:
+        return [v for v, b in zip(scores, bad, strict=True) if b], [
+            v for v, b in zip(scores, bad, strict=True) if not b
+        ]
+
+    case_scores = {
+        "voxel MI": [e.mean_mutual_information_foreground for e in evaluations],
+        "structure MI": [e.mean_structure_mutual_information for e in evaluations],
+        "1 - sample agreement": [1 - e.mean_sample_agreement for e in evaluations],
+    }
+    lines = [
+        "",
+        "## Does the uncertainty track the error?",
+        "",
+        f"Every evaluated case above, all conditions together ({len(evaluations)} cases; organs: "
+        f"{', '.join(organs)}). A case or an organ counts as failed below Dice {FAILED_DICE:.2f}. "
+        "AUROC: the chance that a failed one has the higher uncertainty than one that did not fail "
+        "(0.5 = no better than chance). A negative Spearman correlation: more uncertainty where the Dice "
+        "is lower.",
+        "",
+        "| level | uncertainty | Spearman with Dice | failed | AUROC for failure |",
+        "|---|---|---|---|---|",
+    ]
+    for what, scores in case_scores.items():
+        rho = stats.spearmanr(mean_dice, scores).statistic
+        lines.append(
+            f"| case (mean organ Dice) | {what} | {rho:.2f} | {sum(failed)}/{len(failed)} | "
+            f"{auroc(*split(scores, failed)):.2f} |"
+        )
+    organ_rows = [
+        (e.dice[o], e.structure_mutual_information[o], e.structure_agreement[o], o in e.flagged)
+        for e in evaluations
+        for o in organs
+        if o in e.structure_mutual_information and not math.isnan(e.dice[o])
+    ]
+    dice = [r[0] for r in organ_rows]
+    bad = [d < FAILED_DICE for d in dice]
+    for what, scores in (
+        ("MI inside", [r[1] for r in organ_rows]),
+        ("1 - sample agreement", [1 - r[2] for r in organ_rows]),
+    ):
+        rho = stats.spearmanr(dice, scores).statistic
+        lines.append(
+            f"| organ | {what} | {rho:.2f} | {sum(bad)}/{len(bad)} | {auroc(*split(scores, bad)):.2f} |"
+        )
+    flagged_bad = sum(r[3] for r, b in zip(organ_rows, bad, strict=True) if b)
+    flagged_good = sum(r[3] for r, b in zip(organ_rows, bad, strict=True) if not b)
+    missed = sum(
+        1
+        for e in evaluations
+        for o in organs
+        if o not in e.structure_mutual_information and not math.isnan(e.dice[o])
+    )
+    lines += [
+        "",
+        f"The review flag (the model's thresholds) is set on {flagged_bad} of the {sum(bad)} failed organs "
+        f"and on {flagged_good} of the {len(bad) - sum(bad)} others. {missed} organs present in the truth "
+        "were not predicted at all (no uncertainty to read; counted in neither).",
+    ]
     return lines
 
 

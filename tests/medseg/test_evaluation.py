@@ -10,6 +10,7 @@ from dicom_io.ai_result import LesionFinding
 from medseg.evaluation import (
     ScanFindings,
     at_threshold,
+    auroc,
     bootstrap_interval,
     dice_scores,
     found_by_kind,
@@ -89,6 +90,13 @@ def test_wilson_and_bootstrap_intervals() -> None:
     low, high = bootstrap_interval([0.9, 0.92, 0.88, 0.91, float("nan")])
     assert 0.88 <= low < 0.9025 < high <= 0.92
     assert bootstrap_interval([0.5, 0.5, 0.5]) == (0.5, 0.5)
+
+
+def test_auroc_counts_ordered_pairs_and_ties_half() -> None:
+    assert auroc([0.9, 0.8], [0.1, 0.2, 0.3]) == 1.0  # every failure more uncertain than every success
+    assert auroc([0.1], [0.5, 0.9]) == 0.0
+    assert auroc([0.5, 0.2], [0.5, 0.1]) == pytest.approx((0.5 + 1 + 0 + 1) / 4)  # one tie of four pairs
+    assert math.isnan(auroc([], [0.1]))
 
 
 def test_grid_round_trip_is_exact_on_the_model_grid_and_loses_small_structures_on_a_coarser_one() -> None:
