@@ -460,8 +460,8 @@ def _error_tracking_lines(evaluations: list[CaseEvaluation], organs: list[str]) 
     lines += [
         "",
         f"The review flag (the model's thresholds) is set on {flagged_bad} of the {sum(bad)} failed organs "
-        f"and on {flagged_good} of the {len(bad) - sum(bad)} others. {missed} organs present in the truth "
-        "were not predicted at all (no uncertainty to read; counted in neither).",
+        f"and on {flagged_good} of the {len(bad) - sum(bad)} others. Organs present in the truth but not "
+        f"predicted at all (no uncertainty to read; counted in neither): {missed}.",
     ]
     return lines
 
