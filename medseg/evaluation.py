@@ -197,7 +197,7 @@ def auroc(positives: Sequence[float], negatives: Sequence[float]) -> float:
 class CaseEvaluation:
     case_id: str
     site: str
-    condition: str  # "clean", an artefact name, or "unseen site"
+    condition: str  # "clean", an artefact or paired shift ("arterial phase"), or "unseen <site>"
     contrast_phase: str  # the series' contrast phase ("non_contrast", "portal_venous", "arterial")
     dice: dict[str, float]  # structure name -> Dice (NaN when absent from both)
     lesions: ScanFindings  # the reported findings, made by ``lesion_source``
