@@ -25,6 +25,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy import stats
@@ -194,11 +195,15 @@ def main() -> None:
         + "\n"
     )
     (REPORTS / f"{name}.md").write_text(
-        _markdown(model.spec.name, model.device_uid, evaluations, ceilings, unweighted, args)
-        + "\n".join(
-            _error_tracking_lines(evaluations, [label.name for label in spec.labels if not label.focal])
+        _markdown(
+            model.spec.name,
+            model.device_uid,
+            evaluations,
+            ceilings,
+            unweighted,
+            [label.name for label in spec.labels if not label.focal],
+            args,
         )
-        + "\n"
     )
     print(f"wrote {REPORTS / (name + '.md')}")
 
@@ -209,6 +214,7 @@ def _markdown(
     evaluations: list[CaseEvaluation],
     ceilings: dict[str, list[dict[str, float]]],
     unweighted: dict[str, list[dict[str, float]]],
+    organs: list[str],
     args: argparse.Namespace,
 ) -> str:
     labels = list(evaluations[0].dice)
@@ -330,7 +336,10 @@ def _markdown(
             f"{_nanmean([_nanmean(list(e.dice.values())) for e in rows]):.3f} | "
             f"{np.mean([len(e.flagged) for e in rows]):.1f} |"
         )
-    return "\n".join(lines + _paired_shift_lines(evaluations)) + "\n"
+    return (
+        "\n".join(lines + _paired_shift_lines(evaluations) + _error_tracking_lines(evaluations, organs))
+        + "\n"
+    )
 
 
 def _lesion_lines(
@@ -404,7 +413,7 @@ def _error_tracking_lines(evaluations: list[CaseEvaluation], organs: list[str]) 
     mean_dice = [_nanmean([e.dice[o] for o in organs]) for e in evaluations]
     failed = [d < FAILED_DICE for d in mean_dice]
 
-    def split(scores: list[float], bad: list[bool]) -> tuple[list[float], list[float]]:
+    def split(scores: list[Any], bad: list[bool]) -> tuple[list[Any], list[Any]]:
         return [v for v, b in zip(scores, bad, strict=True) if b], [
             v for v, b in zip(scores, bad, strict=True) if not b
         ]
@@ -449,8 +458,7 @@ def _error_tracking_lines(evaluations: list[CaseEvaluation], organs: list[str]) 
         lines.append(
             f"| organ | {what} | {rho:.2f} | {sum(bad)}/{len(bad)} | {auroc(*split(scores, bad)):.2f} |"
         )
-    flagged_bad = sum(r[3] for r, b in zip(organ_rows, bad, strict=True) if b)
-    flagged_good = sum(r[3] for r, b in zip(organ_rows, bad, strict=True) if not b)
+    flagged_bad, flagged_good = (sum(group) for group in split([r[3] for r in organ_rows], bad))
     missed = sum(
         1
         for e in evaluations

@@ -43,13 +43,8 @@ ORGANS = (Label.LIVER, Label.SPLEEN, Label.KIDNEY_LEFT, Label.KIDNEY_RIGHT, Labe
 
 
 @cache
-def _case(site: str, index: int = 0, seed: int = 7) -> SynthCase:
-    return synthesize_case(load_site(site), seed, index, matrix=MATRIX, slices=SLICES)
-
-
-@cache
-def _case_in_phase(site: str, phase: ContrastPhase) -> SynthCase:
-    return synthesize_case(load_site(site), 7, 0, matrix=MATRIX, slices=SLICES, phase=phase)
+def _case(site: str, index: int = 0, seed: int = 7, phase: ContrastPhase | None = None) -> SynthCase:
+    return synthesize_case(load_site(site), seed, index, matrix=MATRIX, slices=SLICES, phase=phase)
 
 
 def _ct_sites() -> tuple[SiteProfile, ...]:
@@ -112,7 +107,7 @@ def test_invalid_site_file_names_file_and_field(tmp_path: Path) -> None:
 )
 def test_organ_intensities_match_labels(site: str, phase: ContrastPhase | None) -> None:
     """Voxel-for-voxel alignment: the mean inside each (eroded) organ is that organ's HU after drift."""
-    case = _case(site) if phase is None else _case_in_phase(site, phase)
+    case = _case(site, phase=phase)
     assert phase is None or case.phase is phase
     rec = case.site.reconstruction
     assert case.image.shape == case.labels.shape == (SLICES, MATRIX, MATRIX)
@@ -215,7 +210,7 @@ def test_rescan_on_another_scanner_keeps_the_patient() -> None:
 def test_arterial_phase_keeps_the_patient() -> None:
     """The paired protocol shift: same anatomy, lesions and grid, a new series with arterial enhancement."""
     own = _case("site_c")
-    arterial = _case_in_phase("site_c", ContrastPhase.ARTERIAL)
+    arterial = _case("site_c", phase=ContrastPhase.ARTERIAL)
     assert own.phase is not ContrastPhase.ARTERIAL
     assert np.array_equal(own.labels, arterial.labels) and np.array_equal(own.affine, arterial.affine)
     assert own.lesions == arterial.lesions
