@@ -247,5 +247,12 @@ def calibrate(
     }
     provenance = replace(model.provenance, calibrated_by=command, metrics=metrics)
     # a detector stays valid: the focal labels' weights are always 1, so its guide is unchanged
-    saved = save_model(output, calibration.apply(model.spec), model.network, provenance, model.detector)
+    saved = save_model(
+        output,
+        calibration.apply(model.spec),
+        model.network,
+        provenance,
+        model.detector,
+        model.training_range,
+    )
     return saved, calibration

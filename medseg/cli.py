@@ -20,6 +20,7 @@ SUBCOMMAND_MODULES = (
     "medseg.synth.command",
     "medseg.commands.train",
     "medseg.commands.calibrate",
+    "medseg.commands.training_range",
     "medseg.commands.train_detector",
     "medseg.commands.import_bundle",
     "medseg.commands.run",

@@ -207,7 +207,8 @@ class CaseEvaluation:
     mean_mutual_information_foreground: float
     mean_structure_mutual_information: float  # mean over present structures (insensitive to coverage)
     mean_sample_agreement: float  # mean over present structures of the pairwise Dice between samples
-    flagged: tuple[str, ...]  # structures whose review flag is set
+    flagged: tuple[str, ...]  # structures the uncertainty thresholds flag for review
+    outside_training_data: tuple[str, ...]  # structures flagged as outside the model's training range
     structure_mutual_information: dict[str, float]  # mean MI inside each predicted structure, by name
     structure_agreement: dict[str, float]  # each predicted structure's pairwise Dice between samples
     seconds: float
@@ -267,6 +268,7 @@ def evaluate_prediction(
     foreground = prediction.label_map > 0
     names = {label.value: label.name for label in spec.labels}
     present = [m for m in prediction.structures if m.volume_ml > 0]
+    outside = prediction.outside_training_data
     return CaseEvaluation(
         case_id=case_id,
         site=site,
@@ -284,7 +286,12 @@ def evaluate_prediction(
         if present
         else 0.0,
         mean_sample_agreement=float(np.mean([m.sample_agreement for m in present])) if present else 1.0,
-        flagged=tuple(names[m.label] for m in prediction.structures if m.needs_review),
+        flagged=tuple(
+            names[m.label]
+            for m in prediction.structures
+            if set(m.review_reasons) - set(outside.get(names[m.label], ()))
+        ),
+        outside_training_data=tuple(outside),
         structure_mutual_information={names[m.label]: m.mean_mutual_information for m in present},
         structure_agreement={names[m.label]: m.sample_agreement for m in present},
         seconds=seconds,

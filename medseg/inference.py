@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +28,7 @@ from medseg.model import Model
 from medseg.model_spec import ModelSpec, ReviewSpec
 from medseg.networks import set_dropout_sampling
 from medseg.preprocess import ModelGrid, ModelInput, argmax_to_source, map_to_source, pad_to_roi, to_model
+from medseg.training_range import structure_intensities
 from medseg.uncertainty import MonteCarloSampler, SampleStructureStats, entropy
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,8 @@ class Prediction:
     notes: tuple[str, ...] = ()
     lesion_source: str = "segmentation"  # "detector" when the model's lesion detector made ``lesions``
     channel_lesions: tuple[LesionFinding, ...] = ()  # the lesion channel's findings, reported or not
+    # structures (by name) whose intensity lies outside the model's training range, with the reasons
+    outside_training_data: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         flagged = [m.label for m in self.structures if m.needs_review]
@@ -99,8 +102,11 @@ def measure_structures(
     samples: SampleStructureStats,
     model_voxel_ml: float,
     spec: ModelSpec,
+    outside_training_data: Mapping[str, tuple[str, ...]] | None = None,
 ) -> tuple[StructureMeasurements, ...]:
-    """Per-structure volume, intensity and uncertainty on the source grid, with review flags."""
+    """Per-structure volume, intensity and uncertainty on the source grid, with review flags (also set by
+    ``outside_training_data``: reasons by structure name, see ``outside_training_range``)."""
+    outside = outside_training_data or {}
     voxel_ml = float(abs(np.linalg.det(source.affine[:3, :3]))) / 1000.0
     objects = ndimage.find_objects(label_map, max_label=spec.num_classes - 1)
     out = []
@@ -135,7 +141,7 @@ def measure_structures(
         )
         reasons = _review_reasons(
             spec.review, mean_entropy, boundary_entropy, mean_mi, agreement, spread, volume_ml
-        )
+        ) + outside.get(label.name, ())
         out.append(
             StructureMeasurements(
                 label=label.value,
@@ -185,6 +191,17 @@ def _review_reasons(
         ),
     )
     return tuple(reason for failed, reason in checks if failed)
+
+
+def outside_training_range(
+    volume: ImageVolume, label_map: npt.NDArray[np.uint8], model: Model
+) -> dict[str, tuple[str, ...]]:
+    """The predicted structures whose intensity lies outside the model's training range, with the reasons
+    (``medseg.training_range``); empty for a model that records none or a volume in another unit."""
+    known = model.training_range
+    if known is None or known.unit != volume.unit.value:
+        return {}
+    return known.check(structure_intensities(volume, label_map, model.spec), model.spec.review)
 
 
 def largest_components_only(probabilities: torch.Tensor, labels: Sequence[int]) -> torch.Tensor:
@@ -348,6 +365,9 @@ def infer(
     np.maximum(mi_map, 0, out=mi_map)
     mark("resample to source grid")
 
+    outside = outside_training_range(volume, label_map, model)
+    if outside:
+        notes = (*notes, f"outside the model's training data: {', '.join(outside)} (see review reasons)")
     structures = measure_structures(
         volume,
         label_map,
@@ -356,6 +376,7 @@ def infer(
         sampler.structure_stats(),
         model_input.grid.voxel_volume_ml,
         spec,
+        outside,
     )
     mark("measure structures")
     return Prediction(
@@ -376,4 +397,5 @@ def infer(
         notes=notes,
         lesion_source="segmentation" if model.detector is None else "detector",
         channel_lesions=channel_lesions[:limit],
+        outside_training_data=outside,
     )

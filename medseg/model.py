@@ -7,6 +7,8 @@ Folder layout (written by ``medseg train`` and ``medseg import-bundle``)::
     provenance.json   training data, seed, command, metrics, weights SHA-256
     detector.pt/json  optional: a lesion detector (``medseg.detection``, ``medseg train-detector``) that
                       reports the focal findings instead of the segmentation's lesion channel
+    training_range.json  optional: each structure's intensities over the training cases
+                      (``medseg.training_range``), which inference flags a scan outside of
 
 The Device UID (IHE AI Results) is derived from the weights' SHA-256, the spec's decision weights
 (``medseg.calibration``) and the detector's weights, so it changes exactly when what the model outputs
@@ -31,6 +33,7 @@ from medseg.detection import SPEC_FILE as DETECTOR_FILE
 from medseg.detection import DetectionError, TrainedDetector, load_detector, save_detector
 from medseg.model_spec import ModelSpec, ModelSpecError, load_spec, save_spec
 from medseg.networks import SegmentationNet
+from medseg.training_range import TrainingRange, TrainingRangeError, load_training_range
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped_models"
 DEFAULT_MODEL = "default_ct"
@@ -62,6 +65,7 @@ class Model:
     provenance: ModelProvenance
     folder: Path
     detector: TrainedDetector | None = None
+    training_range: TrainingRange | None = None
 
     @property
     def device_uid(self) -> str:
@@ -104,9 +108,10 @@ def save_model(
     network: SegmentationNet,
     provenance: ModelProvenance,
     detector: TrainedDetector | None = None,
+    training_range: TrainingRange | None = None,
 ) -> Model:
-    """Write spec, weights, provenance and the detector if given (the SHA-256s are recomputed from the
-    bytes written)."""
+    """Write spec, weights, provenance, and the detector and training range if given (the SHA-256s are
+    recomputed from the bytes written)."""
     folder.mkdir(parents=True, exist_ok=True)
     data = weights_bytes(network)
     sha = hashlib.sha256(data).hexdigest()
@@ -116,7 +121,16 @@ def save_model(
     (folder / PROVENANCE_FILE).write_text(json.dumps(asdict(provenance), indent=2) + "\n")
     if detector is not None:
         detector = save_detector(folder, detector)
-    return Model(spec=spec, network=network.eval(), provenance=provenance, folder=folder, detector=detector)
+    if training_range is not None:
+        training_range.save(folder)
+    return Model(
+        spec=spec,
+        network=network.eval(),
+        provenance=provenance,
+        folder=folder,
+        detector=detector,
+        training_range=training_range,
+    )
 
 
 def resolve_model_folder(name_or_path: str | Path) -> Path:
@@ -165,7 +179,18 @@ def load_model(name_or_path: str | Path = DEFAULT_MODEL, *, device: torch.device
             detector.check_fits(spec)
         except DetectionError as err:
             raise ModelSpecError(f"model folder {folder}: {err}") from err
-    return Model(spec=spec, network=network.eval(), provenance=provenance, folder=folder, detector=detector)
+    try:
+        training_range = load_training_range(folder)
+    except TrainingRangeError as err:
+        raise ModelSpecError(f"model folder {folder}: {err}") from err
+    return Model(
+        spec=spec,
+        network=network.eval(),
+        provenance=provenance,
+        folder=folder,
+        detector=detector,
+        training_range=training_range,
+    )
 
 
 def choose_device(requested: str | None = None) -> torch.device:

@@ -194,6 +194,10 @@ class ReviewSpec(_Frozen):
     min_lesion_detection_rate: Probability = 0.7  # share of samples that found the lesion
     max_lesion_score_spread: Positive = 0.15  # standard deviation of its score over samples
     max_lesion_findings: int = Field(default=20, ge=1)  # highest scores reported; the rest counted in notes
+    # outside the training data (``medseg.training_range``): how far a structure's median HU may leave the
+    # training cases' range, and by what share of the highest training spread its spread may pass it
+    training_range_margin_hu: float = Field(default=15.0, ge=0)
+    training_range_margin_spread: float = Field(default=0.25, ge=0)
 
 
 class TrainingSpec(_Frozen):

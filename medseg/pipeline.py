@@ -127,6 +127,7 @@ def _structure_rows(prediction: Prediction, model: Model) -> list[dict[str, Any]
             "sample_agreement": round(m.sample_agreement, 4),
             "needs_review": m.needs_review,
             "review_reasons": list(m.review_reasons),
+            "outside_training_data": names[m.label] in prediction.outside_training_data,
         }
         for m in prediction.structures
     ]

@@ -47,6 +47,7 @@ from medseg.model_spec import IntensityKind, ModelSpec, TrainingSpec
 from medseg.networks import SegmentationNet
 from medseg.preprocess import ModelInput, align_to_volume, labels_to_model, to_model
 from medseg.synth.dataset import CaseEntry, Split, SynthDataset, load_dataset, load_label_map
+from medseg.training_range import StructureIntensity, TrainingRange, structure_intensities
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +57,14 @@ CHECKPOINT = "checkpoints/last.pt"
 
 @dataclass(frozen=True)
 class TrainingCase:
-    """One case on the model grid: normalized image and labels, each (1, X, Y, Z)."""
+    """One case on the model grid: normalized image and labels, each (1, X, Y, Z), with each structure's
+    intensity measured on the source grid (what the model's training range is made of)."""
 
     case_id: str
     site: str
     image: torch.Tensor
     labels: torch.Tensor
+    intensities: dict[str, StructureIntensity]
 
 
 def read_labelled_case(
@@ -83,10 +86,46 @@ def load_cases(
         model_input = to_model(volume, spec)
         cases.append(
             TrainingCase(
-                entry.case_id, entry.site, model_input.image, labels_to_model(labels, model_input.grid)
+                entry.case_id,
+                entry.site,
+                model_input.image,
+                labels_to_model(labels, model_input.grid),
+                structure_intensities(volume, labels, spec),
             )
         )
     return cases
+
+
+def _training_data(dataset: SynthDataset, sites: Sequence[str]) -> str:
+    """How provenance names a dataset a model learnt from."""
+    return f"{dataset.manifest_path} (seed {dataset.manifest.seed}, sites {', '.join(sites) or 'all'})"
+
+
+def record_training_range(
+    model: Model,
+    dataset_path: Path | str,
+    output: Path,
+    *,
+    sites: Sequence[str] = (),
+    command: str = "",
+    progress: Callable[[int, int], None] | None = None,
+) -> Model:
+    """Save ``model`` to ``output`` with the training range of a dataset's train split (for a model
+    trained before ``train`` recorded one; the weights and the Device UID stay the same)."""
+    if output.resolve() == model.folder.resolve():
+        raise ValueError(f"output {output} is the model's own folder; write the new model elsewhere")
+    dataset = load_dataset(dataset_path)
+    entries = dataset.split_entries(Split.TRAIN, sites)
+    intensities = []
+    for i, entry in enumerate(entries):
+        volume, labels = read_labelled_case(dataset, entry)
+        intensities.append(structure_intensities(volume, labels, model.spec))
+        if progress:
+            progress(i + 1, len(entries))
+    found = TrainingRange.of(
+        intensities, training_data=f"train split of {_training_data(dataset, sites)}", command=command
+    )
+    return save_model(output, model.spec, model.network, model.provenance, model.detector, found)
 
 
 class RandShortScand(Randomizable, MapTransform):
@@ -477,12 +516,16 @@ def train(
 
     provenance = ModelProvenance(
         source="trained",
-        training_data=f"{dataset.manifest_path} (seed {dataset.manifest.seed}, "
-        f"sites {', '.join(sites) or 'all'})",
+        training_data=_training_data(dataset, sites),
         seed=seed,
         command=command,
         weights_sha256="",
         init_from=str(init) if init else None,
+    )
+    training_range = TrainingRange.of(
+        [case.intensities for case in train_cases],
+        training_data=f"train split of {provenance.training_data}",
+        command=command,
     )
     batch_iter = batches(
         train_cases, training, spec.num_classes, seed + start_epoch, spec.focal_labels, ct_windows(spec)
@@ -525,6 +568,7 @@ def train(
                 spec,
                 network,
                 ModelProvenance(**{**asdict(provenance), "epochs": epoch + 1, "metrics": {"val_dice": dice}}),
+                training_range=training_range,
             )
         checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(
@@ -622,8 +666,7 @@ def train_lesion_detector(
         seed,
         progress,
         model_spec=model.spec,
-        training_data=f"{dataset.manifest_path} (seed {dataset.manifest.seed}, train and val, "
-        f"sites {', '.join(sites) or 'all'})",
+        training_data=f"train and val of {_training_data(dataset, sites)}",
         command=command,
     )
-    return save_model(output, model.spec, model.network, model.provenance, detector=trained)
+    return save_model(output, model.spec, model.network, model.provenance, trained, model.training_range)

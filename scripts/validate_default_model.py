@@ -1,4 +1,5 @@
-"""Validation report of a model on held-out synthetic CT: Dice, lesions, uncertainty under shift.
+"""Validation report of a model on held-out synthetic CT: Dice, lesions, uncertainty under shift, and
+whether the model's training range tells the shifted scans apart.
 
 Generates fresh cases (a dataset seed never used for training) from every training site, plus the same
 cases with injected artefacts (metal, noise, motion), cut to a short series (a 48 mm slab, as a limited
@@ -52,6 +53,7 @@ from medseg.model import load_model
 from medseg.preprocess import argmax_to_source
 from medseg.synth import ContrastPhase, SynthCase, load_site, synthesize_case
 from medseg.synth.artefacts import Artefact, inject
+from medseg.training_range import TrainingRange
 
 REPORTS = Path(__file__).resolve().parents[1] / "validation_reports"
 TRAINING_SITES = ("site_a", "site_b", "site_c")
@@ -202,6 +204,7 @@ def main() -> None:
             ceilings,
             unweighted,
             [label.name for label in spec.labels if not label.focal],
+            model.training_range,
             args,
         )
     )
@@ -215,6 +218,7 @@ def _markdown(
     ceilings: dict[str, list[dict[str, float]]],
     unweighted: dict[str, list[dict[str, float]]],
     organs: list[str],
+    training_range: TrainingRange | None,
     args: argparse.Namespace,
 ) -> str:
     labels = list(evaluations[0].dice)
@@ -337,7 +341,12 @@ def _markdown(
             f"{np.mean([len(e.flagged) for e in rows]):.1f} |"
         )
     return (
-        "\n".join(lines + _paired_shift_lines(evaluations) + _error_tracking_lines(evaluations, organs))
+        "\n".join(
+            lines
+            + _paired_shift_lines(evaluations)
+            + _error_tracking_lines(evaluations, organs)
+            + _training_range_lines(evaluations, organs, training_range)
+        )
         + "\n"
     )
 
@@ -467,9 +476,57 @@ def _error_tracking_lines(evaluations: list[CaseEvaluation], organs: list[str]) 
     )
     lines += [
         "",
-        f"The review flag (the model's thresholds) is set on {flagged_bad} of the {sum(bad)} failed organs "
+        f"The review flag (the model's uncertainty thresholds) is set on {flagged_bad} of the {sum(bad)} "
+        "failed organs "
         f"and on {flagged_good} of the {len(bad) - sum(bad)} others. Organs present in the truth but not "
         f"predicted at all (no uncertainty to read; counted in neither): {missed}.",
+    ]
+    return lines
+
+
+def _training_range_lines(
+    evaluations: list[CaseEvaluation], organs: list[str], known: TrainingRange | None
+) -> list[str]:
+    """Which conditions the model's training range (``medseg.training_range``) calls outside its training
+    data, and what the flag adds to the uncertainty's for failed organs."""
+    lines = ["", "## Is the scan inside the training data?", ""]
+    if known is None:
+        return [*lines, "The model records no training range (`training_range.json`): nothing to compare."]
+    lines += [
+        "Each structure's median HU and spread inside its predicted core, against the range of the same "
+        f"two numbers over the model's {known.cases} training cases (`training_range.json`, made by "
+        "`medseg train` or `medseg training-range`); outside by more than the spec's margins, the "
+        "structure is flagged for review with the value and the range. Dice: mean over the organs "
+        "flagged so, and over the others in the same cases.",
+        "",
+        "| condition | cases | cases with an organ outside | organs outside, per case | which (count) "
+        "| Dice outside | Dice inside |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for condition in ["clean", *PAIRED, *map(_unseen, UNSEEN_SITES)]:
+        rows = [e for e in evaluations if e.condition == condition]
+        if not rows:
+            continue
+        which = Counter(o for e in rows for o in e.outside_training_data)
+        outside = [e.dice[o] for e in rows for o in organs if o in e.outside_training_data]
+        inside = [e.dice[o] for e in rows for o in organs if o not in e.outside_training_data]
+        lines.append(
+            f"| {condition} | {len(rows)} | {sum(bool(e.outside_training_data) for e in rows)} | "
+            f"{np.mean([len(e.outside_training_data) for e in rows]):.1f} | "
+            f"{', '.join(f'{o} ({n})' for o, n in which.most_common()) or '-'} | "
+            f"{_nanmean(outside):.3f} | {_nanmean(inside):.3f} |"
+        )
+    failed = [
+        (o in e.flagged, o in e.outside_training_data)
+        for e in evaluations
+        for o in organs
+        if o in e.structure_mutual_information and e.dice[o] < FAILED_DICE
+    ]
+    lines += [
+        "",
+        f"Of the {len(failed)} failed organs (Dice < {FAILED_DICE:.2f}, all conditions), the uncertainty "
+        f"flags {sum(u for u, _ in failed)}, the training range {sum(r for _, r in failed)}, and one or the "
+        f"other {sum(u or r for u, r in failed)}.",
     ]
     return lines
 

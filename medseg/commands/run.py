@@ -56,7 +56,8 @@ def print_summary(summary: RunSummary, console: Console) -> None:
                 f"{row['mean_entropy']:.3f}",
                 f"{row['mean_mutual_information']:.4f}",
                 f"{row['sample_agreement']:.3f}",
-                f"REVIEW ({len(row['review_reasons'])} reasons in summary.json)"
+                f"REVIEW{', outside training data' if row['outside_training_data'] else ''} "
+                f"({len(row['review_reasons'])} reasons in summary.json)"
                 if row["needs_review"]
                 else "",
             )

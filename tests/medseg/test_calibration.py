@@ -102,6 +102,7 @@ def test_cli_calibrates_a_trained_model_with_a_new_device_uid(tmp_path: Path) ->
         after.provenance.metrics["val_dice_calibrated"]
         >= after.provenance.metrics["val_dice_before_calibration"]
     )
+    assert before.training_range is not None and after.training_range == before.training_range
     changed = any(w != 1.0 for w in after.spec.decision_weights)
     assert (after.device_uid != before.device_uid) == changed
     assert main(["-q", "calibrate", str(base), str(dataset), "-o", str(base)]) == 2  # never in place
