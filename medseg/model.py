@@ -33,7 +33,7 @@ from medseg.detection import SPEC_FILE as DETECTOR_FILE
 from medseg.detection import DetectionError, TrainedDetector, load_detector, save_detector
 from medseg.model_spec import ModelSpec, ModelSpecError, load_spec, save_spec
 from medseg.networks import SegmentationNet
-from medseg.training_range import TrainingRange, TrainingRangeError, load_training_range
+from medseg.training_range import RANGE_FILE, TrainingRange, TrainingRangeError, load_training_range
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped_models"
 DEFAULT_MODEL = "default_ct"
@@ -123,6 +123,8 @@ def save_model(
         detector = save_detector(folder, detector)
     if training_range is not None:
         training_range.save(folder)
+    else:  # a range left from an earlier model in this folder would describe other training data
+        (folder / RANGE_FILE).unlink(missing_ok=True)
     return Model(
         spec=spec,
         network=network.eval(),

@@ -489,8 +489,9 @@ def train(
         raise FileNotFoundError(f"{checkpoint_path}: no checkpoint to resume from")
     # the start weights before the cases: a wrong --init fails in seconds, not after minutes of loading
     network = SegmentationNet(spec)
-    if init is not None:
-        network.load_state_dict(initial_weights(network, spec, load_model(init)))
+    start = load_model(init) if init is not None else None
+    if start is not None:
+        network.load_state_dict(initial_weights(network, spec, start))
     if freeze:
         log.info("froze %d encoder parameter tensors", freeze_encoder(network))
     train_cases = load_cases(dataset, spec, Split.TRAIN, sites=sites)
@@ -527,6 +528,8 @@ def train(
         training_data=f"train split of {provenance.training_data}",
         command=command,
     )
+    if start is not None and start.training_range is not None:  # fine-tuned: it has seen both
+        training_range = start.training_range.merged(training_range)
     batch_iter = batches(
         train_cases, training, spec.num_classes, seed + start_epoch, spec.focal_labels, ct_windows(spec)
     )

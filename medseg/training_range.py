@@ -109,6 +109,33 @@ class TrainingRange:
             )
         return cls(structures=structures, cases=len(cases), training_data=training_data, command=command)
 
+    def merged(self, later: TrainingRange) -> TrainingRange:
+        """The range of a model fine-tuned on ``later``'s cases from one trained on these: both (once,
+        where both name the same training data)."""
+        if later.unit != self.unit:
+            raise ValueError(f"training ranges in {self.unit} and {later.unit} cannot be merged")
+        if later.training_data == self.training_data:
+            return later
+        structures = dict(self.structures)
+        for name, new in later.structures.items():
+            old = structures.get(name)
+            structures[name] = (
+                new
+                if old is None
+                else IntensityRange(
+                    median=(min(old.median[0], new.median[0]), max(old.median[1], new.median[1])),
+                    spread=(min(old.spread[0], new.spread[0]), max(old.spread[1], new.spread[1])),
+                    cases=old.cases + new.cases,
+                )
+            )
+        return TrainingRange(
+            structures=dict(sorted(structures.items())),
+            cases=self.cases + later.cases,
+            training_data=f"{later.training_data}, after {self.training_data}",
+            command=later.command,
+            unit=later.unit,
+        )
+
     def reasons(self, name: str, measured: StructureIntensity, review: ReviewSpec) -> tuple[str, ...]:
         """Why ``measured`` lies outside structure ``name``'s range (empty: inside, or not recorded).
 

@@ -80,6 +80,19 @@ def test_only_what_lies_outside_the_range_by_more_than_the_margin_is_flagged() -
     assert len(outside["Liver"]) == 2 and "spread 40 HU, training at most 12 HU" in outside["Liver"][1]
 
 
+def test_a_fine_tuned_model_keeps_the_range_of_both_trainings() -> None:
+    first = TrainingRange.of([{"Aorta": StructureIntensity(40.0, 10.0)}], training_data="site a")
+    later = TrainingRange.of(
+        [{"Aorta": StructureIntensity(300.0, 8.0), "Liver": StructureIntensity(60.0, 12.0)}] * 2,
+        training_data="site e",
+    )
+    both = first.merged(later)
+    assert both.structures["Aorta"] == IntensityRange(median=(40.0, 300.0), spread=(8.0, 10.0), cases=3)
+    assert both.structures["Liver"] == later.structures["Liver"] and both.cases == 3
+    assert both.training_data == "site e, after site a"
+    assert later.merged(later) == later  # the same data again counts once
+
+
 def test_an_arterial_rescan_lies_outside_the_range_of_the_unenhanced_scan() -> None:
     site = load_site("site_a")
     plain = synthesize_case(site, 4, 0, matrix=64, slices=24, phase=ContrastPhase.NON_CONTRAST)
@@ -121,6 +134,8 @@ def test_inference_flags_the_structures_outside_the_model_range(tmp_path: Path) 
     (saved.folder / RANGE_FILE).write_text('{"structures": {"Aorta": {"median": [9, 1]}}}')
     with pytest.raises(ModelSpecError, match=RANGE_FILE):
         load_model(saved.folder)
+    save_model(saved.folder, SPEC, SegmentationNet(SPEC), provenance)  # another model, no range recorded
+    assert load_model(saved.folder).training_range is None  # the earlier model's range is not inherited
 
 
 @pytest.mark.slow
