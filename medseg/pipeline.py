@@ -87,6 +87,7 @@ class SeriesSummary:
     output_bytes: dict[str, int]
     gate: list[dict[str, Any]]
     repairs: list[str]  # opt-in changes made to the source's identity before writing
+    notes: list[str]  # what the reader of the results should know (``AnalysisResult.notes``)
     seconds: dict[str, float]
 
 
@@ -189,8 +190,9 @@ def run_pipeline(
         prediction = infer(volume, model, samples=n, seed=seed, stage=inference_stage)
         t1 = time.perf_counter()
         report("writing and checking DICOM results", index, len(usable))
+        result = analysis_result(prediction, model)
         written: WrittenResults = write_results(
-            analysis_result(prediction, model),
+            result,
             _output_folder(out_dir, volume, len(usable)),
             profile=profile,
             preview=preview,
@@ -216,6 +218,7 @@ def run_pipeline(
                 output_bytes=dict(written.sizes),
                 gate=[asdict(check) for check in written.gate.checks],
                 repairs=list(repairs),
+                notes=list(result.notes),
                 seconds={
                     **{f"inference: {k}": round(v, 3) for k, v in prediction.seconds.items()},
                     "inference": round(t1 - t0, 3),

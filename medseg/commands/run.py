@@ -71,6 +71,8 @@ def print_summary(summary: RunSummary, console: Console) -> None:
             )
         for repair in series.repairs:
             console.print(f"  repaired (opt-in): {repair}")
+        for note in series.notes:
+            console.print(f"  note: {note}")
         for kind, path in series.outputs.items():
             console.print(f"  {kind}: {path}")
         console.print(

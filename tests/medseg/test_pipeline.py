@@ -19,16 +19,17 @@ from medseg.model_spec import parse_spec
 from medseg.networks import SegmentationNet
 from medseg.pipeline import NothingToAnalyseError, run_pipeline
 from medseg.synth import Split, load_site, synthesize_case, write_case
+from medseg.training_range import IntensityRange, TrainingRange
 from tests.medseg.tiny_model import tiny_spec_data
 
 
-def _tiny_model(root: Path) -> Model:
+def _tiny_model(root: Path, training_range: TrainingRange | None = None) -> Model:
     data = tiny_spec_data()
     data["uncertainty"]["samples"] = 3
     spec = parse_spec(data, "tiny")
     torch.manual_seed(0)
     provenance = ModelProvenance(source="test", training_data="none", seed=0, command="", weights_sha256="")
-    return save_model(root / "model", spec, SegmentationNet(spec), provenance)
+    return save_model(root / "model", spec, SegmentationNet(spec), provenance, training_range=training_range)
 
 
 def _series(root: Path, site: str = "site_a") -> Path:
@@ -39,7 +40,9 @@ def _series(root: Path, site: str = "site_a") -> Path:
 
 @pytest.mark.slow
 def test_run_writes_gated_objects_on_the_source_grid(tmp_path: Path) -> None:
-    model = _tiny_model(tmp_path)
+    unlike_any = IntensityRange(median=(5000.0, 5001.0), spread=(0.0, 1.0), cases=1)
+    organs = ["Liver", "Spleen", "Left kidney", "Right kidney", "Aorta", "Lung", "Bone"]
+    model = _tiny_model(tmp_path, TrainingRange(dict.fromkeys(organs, unlike_any), 1, "no scan like it"))
     series = _series(tmp_path)
     out = tmp_path / "out"
     summary = run_pipeline(series, out, model)
@@ -62,6 +65,16 @@ def test_run_writes_gated_objects_on_the_source_grid(tmp_path: Path) -> None:
     assert referenced == source_uids
     sr = pydicom.dcmread(written.outputs["sr"])
     assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    # every organ the random network finds is outside its "training data": flagged and said, in a valid SR
+    rows = stored["series"][0]["structures"]
+    found = [row["name"] for row in rows if row["volume_ml"] > 0 and row["name"] in organs]
+    assert found and [row["name"] for row in rows if row["outside_training_data"]] == found
+    comments = [e.value for e in sr.iterall() if e.keyword == "TextValue"]
+    for name in found:
+        said = [c for c in comments if c.startswith(f"{name} needs review")]
+        assert said and "outside the training data" in said[0]
+    assert any(note.startswith("outside the model's training data: ") for note in written.notes)
+    assert any("not for clinical use" in note for note in written.notes)
     assert (out / "model_spec.yaml").exists()
 
 
