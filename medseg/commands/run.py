@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -40,6 +40,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _review_cell(row: dict[str, Any]) -> str:
+    """A structure's review column: short, the reasons are in summary.json."""
+    if not row["needs_review"]:
+        return ""
+    if row["outside_training_data"]:
+        return "REVIEW: outside training data"
+    return f"REVIEW ({len(row['review_reasons'])} reasons in summary.json)"
+
+
 def print_summary(summary: RunSummary, console: Console) -> None:
     """The short table a person reads after a run (summary.json has everything)."""
     from rich.table import Table
@@ -56,10 +65,7 @@ def print_summary(summary: RunSummary, console: Console) -> None:
                 f"{row['mean_entropy']:.3f}",
                 f"{row['mean_mutual_information']:.4f}",
                 f"{row['sample_agreement']:.3f}",
-                f"REVIEW{', outside training data' if row['outside_training_data'] else ''} "
-                f"({len(row['review_reasons'])} reasons in summary.json)"
-                if row["needs_review"]
-                else "",
+                _review_cell(row),
             )
         console.print(table)
         for lesion in series.lesions:
