@@ -128,7 +128,8 @@ def _structure_rows(prediction: Prediction, model: Model) -> list[dict[str, Any]
             "sample_agreement": round(m.sample_agreement, 4),
             "needs_review": m.needs_review,
             "review_reasons": list(m.review_reasons),
-            "outside_training_data": names[m.label] in prediction.outside_training_data,
+            # the review reasons that come from the training range (empty: inside it, or none recorded)
+            "outside_training_data": list(prediction.outside_training_data.get(names[m.label], ())),
         }
         for m in prediction.structures
     ]

@@ -41,12 +41,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _review_cell(row: dict[str, Any]) -> str:
-    """A structure's review column: short, the reasons are in summary.json."""
-    if not row["needs_review"]:
-        return ""
+    """A structure's review column: why, in a word or two (the reasons themselves are in summary.json)."""
+    why = []
+    if len(row["review_reasons"]) > len(row["outside_training_data"]):
+        why.append("uncertain")
     if row["outside_training_data"]:
-        return "REVIEW: outside training data"
-    return f"REVIEW ({len(row['review_reasons'])} reasons in summary.json)"
+        why.append("outside training data")
+    return f"REVIEW: {', '.join(why)}" if why else ""
 
 
 def print_summary(summary: RunSummary, console: Console) -> None:
