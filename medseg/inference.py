@@ -197,9 +197,9 @@ def outside_training_range(
     volume: ImageVolume, label_map: npt.NDArray[np.uint8], model: Model
 ) -> dict[str, tuple[str, ...]]:
     """The predicted structures whose intensity lies outside the model's training range, with the reasons
-    (``medseg.training_range``); empty for a model that records none or a volume in another unit."""
+    (``medseg.training_range``); empty for a model that records none or a volume not in HU."""
     known = model.training_range
-    if known is None or known.unit != volume.unit.value:
+    if known is None:
         return {}
     return known.check(structure_intensities(volume, label_map, model.spec), model.spec.review)
 

@@ -91,7 +91,7 @@ class TrainingRange:
     cases: int
     training_data: str
     command: str = ""
-    unit: str = IntensityUnit.HOUNSFIELD.value
+    unit: str = IntensityUnit.HOUNSFIELD.value  # what ``structure_intensities`` measures in: always HU
 
     @classmethod
     def of(
@@ -112,8 +112,6 @@ class TrainingRange:
     def merged(self, later: TrainingRange) -> TrainingRange:
         """The range of a model fine-tuned on ``later``'s cases from one trained on these: both (once,
         where both name the same training data)."""
-        if later.unit != self.unit:
-            raise ValueError(f"training ranges in {self.unit} and {later.unit} cannot be merged")
         if later.training_data == self.training_data:
             return later
         structures = dict(self.structures)
@@ -133,7 +131,6 @@ class TrainingRange:
             cases=self.cases + later.cases,
             training_data=f"{later.training_data}, after {self.training_data}",
             command=later.command,
-            unit=later.unit,
         )
 
     def reasons(self, name: str, measured: StructureIntensity, review: ReviewSpec) -> tuple[str, ...]:
@@ -185,12 +182,13 @@ def load_training_range(folder: Path) -> TrainingRange | None:
             )
             for name, value in data["structures"].items()
         }
+        if data["unit"] != IntensityUnit.HOUNSFIELD.value:
+            raise ValueError(f"unit {data['unit']!r}: only ranges in HU are compared")
         return TrainingRange(
             structures=structures,
             cases=int(data["cases"]),
             training_data=str(data["training_data"]),
             command=str(data.get("command", "")),
-            unit=str(data["unit"]),
         )
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise TrainingRangeError(f"{path}: not a training range ({err!r})") from err

@@ -23,7 +23,7 @@ import json
 import math
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -96,6 +96,14 @@ def _short_scan(case: SynthCase) -> SynthCase:
     affine[:3, 3] += start * affine[:3, 0]
     window = slice(start, start + slices)
     return replace(case, image=case.image[window], labels=case.labels[window], affine=affine)
+
+
+def _by_condition(evaluations: list[CaseEvaluation]) -> Iterator[tuple[str, list[CaseEvaluation]]]:
+    """Each condition that has cases, in report order (clean, paired shifts, held-out sites), with them."""
+    for condition in ["clean", *PAIRED, *map(_unseen, UNSEEN_SITES)]:
+        rows = [e for e in evaluations if e.condition == condition]
+        if rows:
+            yield condition, rows
 
 
 def _nanmean(values: list[float]) -> float:
@@ -327,10 +335,7 @@ def _markdown(
         "(nats) | sample agreement | mean Dice | structures flagged |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for condition in ["clean", *PAIRED, *map(_unseen, UNSEEN_SITES)]:
-        rows = [e for e in evaluations if e.condition == condition]
-        if not rows:
-            continue
+    for condition, rows in _by_condition(evaluations):
         lines.append(
             f"| {condition} | {len(rows)} | "
             f"{np.mean([e.mean_mutual_information_foreground for e in rows]):.4f} | "
@@ -503,10 +508,7 @@ def _training_range_lines(
         "| Dice outside | Dice inside |",
         "|---|---|---|---|---|---|---|",
     ]
-    for condition in ["clean", *PAIRED, *map(_unseen, UNSEEN_SITES)]:
-        rows = [e for e in evaluations if e.condition == condition]
-        if not rows:
-            continue
+    for condition, rows in _by_condition(evaluations):
         which = Counter(o for e in rows for o in e.outside_training_data)
         outside = [e.dice[o] for e in rows for o in organs if o in e.outside_training_data]
         inside = [e.dice[o] for e in rows for o in organs if o not in e.outside_training_data]

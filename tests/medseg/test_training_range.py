@@ -134,6 +134,11 @@ def test_inference_flags_the_structures_outside_the_model_range(tmp_path: Path) 
     (saved.folder / RANGE_FILE).write_text('{"structures": {"Aorta": {"median": [9, 1]}}}')
     with pytest.raises(ModelSpecError, match=RANGE_FILE):
         load_model(saved.folder)
+    impossible.save(saved.folder)
+    in_mr = (saved.folder / RANGE_FILE).read_text().replace('"unit": "HU"', '"unit": "MR"')
+    (saved.folder / RANGE_FILE).write_text(in_mr)
+    with pytest.raises(ModelSpecError, match="only ranges in HU are compared"):
+        load_model(saved.folder)
     save_model(saved.folder, SPEC, SegmentationNet(SPEC), provenance)  # another model, no range recorded
     assert load_model(saved.folder).training_range is None  # the earlier model's range is not inherited
 
