@@ -13,7 +13,8 @@ Content tree (PS3.16 TID 1500):
   is not drawn or breaks OHIF, DICOM.md 18); its LPS centre and box are measurements;
 - Qualitative Evaluations (TID 1500 row 12): declared structures that were not found ("Absent": the model
   looked and found nothing, DICOM.md 13), why structures need review, a plain-text summary of every
-  lesion, and the "not for clinical use" statement. When nothing at all was found, one TID 1410 group
+  lesion, the result's notes (Monte-Carlo settings, findings left unlisted, a scan outside the training
+  data) and the "not for clinical use" statement. When nothing at all was found, one TID 1410 group
   outlines the examined image area of a middle slice with every declared structure "Absent", because
   OHIF cannot open a report without measurement groups.
 
@@ -370,7 +371,7 @@ def _lesion_summary(lesion: LesionFinding) -> str:
 
 
 def _qualitative_evaluations(result: AnalysisResult) -> hd.sr.ContainerContentItem | None:
-    """TID 1500 row 12: absent structures, review reasons, lesion summaries, clinical-use statement."""
+    """TID 1500 row 12: absent structures, review reasons, lesion summaries, notes, clinical-use statement."""
     items: list[hd.sr.ContentItem] = []
     contains = hd.sr.RelationshipTypeValues.CONTAINS
     for _, segment, present in _present_segments(result):
@@ -399,6 +400,10 @@ def _qualitative_evaluations(result: AnalysisResult) -> hd.sr.ContainerContentIt
                 value="No declared structure and no lesion was found by the model.",
                 relationship_type=contains,
             )
+        )
+    for note in result.notes:
+        items.append(
+            hd.sr.TextContentItem(name=codes.DCM.Comment, value=note[:1024], relationship_type=contains)
         )
     if not result.algorithm.for_clinical_use:
         items.append(

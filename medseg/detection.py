@@ -123,6 +123,13 @@ class DetectionSpec(BaseModel):
     # more likely a lesion than not. Fixed beforehand, not tuned on the validation cases; without it the
     # guided detector listed 20 findings on every scan (the report's cap), mostly of low score
     report_score: Probability = 0.5
+    # a guided detector's box counts only where the segmentation points at it: the guide's highest
+    # probability at the voxels inside the box must reach this (0: off). Without it the guided detector
+    # scored lung texture where the segmentation saw no lesion at all at 0.9 (README: lesion findings)
+    min_guide_probability: Probability = 0.5
+    # two findings are one lesion when this share of the smaller box lies inside the better one's box
+    # (besides a centre inside it): a sample can tile one lesion with boxes that overlap too little for NMS
+    duplicate_overlap: Probability = 0.5
     review_detection_rate: Probability = 0.7  # findings below this need review
     review_score_spread: float = Field(default=0.15, ge=0)  # ... and so do those whose score varies more
     # training
@@ -816,12 +823,15 @@ def detect(
         boxes = np.concatenate([b for b, _ in parts]) if parts else np.zeros((0, 6))
         scores = np.concatenate([c for _, c in parts]) if parts else np.zeros(0)
         top = np.argsort(-scores, kind="stable")[: spec.max_detections]
-        boxes = boxes[top]
+        boxes, scores = boxes[top], scores[top]
         boxes[:, :3] = np.clip(boxes[:, :3], -0.5, volume - 0.5)
         boxes[:, 3:] = np.clip(boxes[:, 3:], boxes[:, :3], volume - 0.5)
+        if spec.guide_label is not None and spec.min_guide_probability > 0:
+            supported = guide_support(image[-1], boxes) >= spec.min_guide_probability
+            boxes, scores = boxes[supported], scores[supported]
         all_boxes.append(boxes)
-        all_scores.append(scores[top])
-        sample_index.append(np.full(len(top), s))
+        all_scores.append(scores)
+        sample_index.append(np.full(len(boxes), s))
     clustered = cluster_detections(
         np.concatenate(all_boxes),
         np.concatenate(all_scores),
@@ -836,6 +846,28 @@ def detect(
     )
     log.info("detect: %d findings from %d samples (seed %d)", len(findings), samples, seed)
     return findings
+
+
+def guide_support(guide: torch.Tensor, boxes: FloatArray) -> FloatArray:
+    """Per voxel box (N, 6), the guide's highest value at the voxel centres inside it (the voxel nearest
+    the box centre when none is): how strongly the segmentation points at what the detector boxed."""
+    values = guide.detach().float().cpu().numpy()
+    last = np.asarray(values.shape) - 1
+    out = np.zeros(len(boxes))
+    for n, box in enumerate(np.asarray(boxes, dtype=np.float64).reshape(-1, 6)):
+        centre = np.clip(np.round((box[:3] + box[3:]) / 2), 0, last).astype(int)
+        lo = np.minimum(np.clip(np.ceil(box[:3]), 0, last).astype(int), centre)
+        hi = np.maximum(np.clip(np.floor(box[3:]), 0, last).astype(int), centre)
+        out[n] = values[lo[0] : hi[0] + 1, lo[1] : hi[1] + 1, lo[2] : hi[2] + 1].max()
+    return out
+
+
+def _overlap_of_smaller(a: npt.ArrayLike, b: npt.ArrayLike) -> float:
+    """Share of the smaller of two boxes (min xyz, max xyz) that lies inside the other."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    inside = np.prod(np.clip(np.minimum(a[3:], b[3:]) - np.maximum(a[:3], b[:3]), 0, None))
+    smaller = min(np.prod(a[3:] - a[:3]), np.prod(b[3:] - b[:3]))
+    return float(inside / smaller) if smaller > 0 else 0.0
 
 
 def cluster_detections(
@@ -856,8 +888,9 @@ def cluster_detections(
     deviation (population) over all samples: both fall when samples disagree. ``box_spread_mm`` is the mean
     over the six LPS corner coordinates of their standard deviation over the samples that found it.
     Clusters found by fewer than ``spec.min_detection_rate`` of the samples are dropped, and so is a
-    cluster whose centre lies inside the box of a better-scoring finding: the same lesion, boxed twice by
-    a sample with boxes that overlap too little for its NMS (a radiologist would see one lesion twice).
+    cluster whose centre lies inside the box of a better-scoring finding, or whose box shares
+    ``spec.duplicate_overlap`` of the smaller box with it: the same lesion, boxed twice by a sample with
+    boxes that overlap too little for its NMS (a radiologist would see one lesion twice).
     """
     b = np.asarray(boxes, dtype=np.float64).reshape(-1, 6)
     sc = np.asarray(scores, dtype=np.float64).reshape(-1)
@@ -907,8 +940,12 @@ def cluster_detections(
     findings.sort(key=lambda f: -f.score)
     kept: list[LesionFinding] = []
     for finding in findings:
-        centre = np.asarray(finding.centre_lps)
-        if not any(np.all((centre >= k.box_min_lps) & (centre <= k.box_max_lps)) for k in kept):
+        centre, box = np.asarray(finding.centre_lps), (*finding.box_min_lps, *finding.box_max_lps)
+        if not any(
+            np.all((centre >= k.box_min_lps) & (centre <= k.box_max_lps))
+            or _overlap_of_smaller(box, (*k.box_min_lps, *k.box_max_lps)) >= spec.duplicate_overlap
+            for k in kept
+        ):
             kept.append(finding)
     return tuple(replace(f, index=n) for n, f in enumerate(kept, start=1))
 

@@ -345,9 +345,11 @@ def infer(
             spec.review,
         )
     )
+    mark("network")
     candidates = channel_lesions
     if model.detector is not None:
         candidates = detector_findings(model.detector, model_input, mean_p, samples=n, seed=seed)
+        mark("lesion detector")
     limit = spec.review.max_lesion_findings
     lesions = candidates[:limit]
     notes: tuple[str, ...] = ()
@@ -356,7 +358,6 @@ def infer(
             f"{len(candidates) - limit} more lesion candidates below the {limit} highest scores not listed",
         )
         log.warning("%s", notes[0])
-    mark("network")
 
     label_map = argmax_to_source(decision_scores(mean_p, spec), model_input.grid)
     entropy_map = map_to_source(predictive, model_input.grid)

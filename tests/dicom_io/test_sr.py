@@ -165,6 +165,13 @@ def test_absent_structures_and_review_reasons_are_qualitative_evaluations(
     texts = [i.TextValue for i in qualitative[0].ContentSequence if i.ValueType == "TEXT"]
     assert any(t.startswith("liver needs review") for t in texts)
     assert any(t.startswith("lesion 1: centre (") for t in texts)
+    assert not any(t.startswith("3 more lesion candidates") for t in texts)
+    note = "3 more lesion candidates below the 20 highest not listed"
+    noted = dataclasses.replace(synthetic_result, notes=(note,))
+    sr = build_sr(noted, build_seg(noted))
+    qualitative = [i for i in sr.ContentSequence if _name(i) == "C0034375"]
+    texts = [i.TextValue for i in qualitative[0].ContentSequence if i.ValueType == "TEXT"]
+    assert note in texts
 
 
 def test_reported_values_are_what_the_sr_says(synthetic_result: AnalysisResult) -> None:

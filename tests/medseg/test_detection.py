@@ -28,6 +28,7 @@ from medseg.detection import (
     cluster_detections,
     detect,
     detection_train_step,
+    guide_support,
     load_detector,
     parameter_count,
     save_detector,
@@ -145,6 +146,47 @@ def test_clustering_keeps_one_box_per_sample_and_drops_rare_clusters() -> None:
     findings = cluster_detections(boxes, scores, samples, 2, affine, spec)
     assert [f.detection_rate for f in findings] == [1.0]  # the lone 0.8 box (rate 0.5) is dropped
     assert cluster_detections(np.zeros((0, 6)), [], [], 2, affine, spec) == ()
+
+
+def test_a_box_overlapping_a_better_one_is_the_same_lesion() -> None:
+    """Two findings whose centres lie outside each other's box, as a lesion tiled by a sample's boxes."""
+    affine = np.eye(4)
+    box = np.array([0.0, 0.0, 0.0, 10.0, 10.0, 10.0])
+    beside = box + np.array([6.0, 0, 0, 6.0, 0, 0])  # 4 of its 10 mm along x lie inside the first box
+    boxes, scores, samples = np.stack([box, beside]), [0.9, 0.8], [0, 0]
+    for overlap, expected in ((0.5, 2), (0.4, 1), (0.3, 1)):
+        spec = DetectionSpec(min_detection_rate=0.5, duplicate_overlap=overlap)
+        assert len(cluster_detections(boxes, scores, samples, 1, affine, spec)) == expected, overlap
+
+
+def test_guide_support_is_the_highest_guide_value_inside_each_box() -> None:
+    guide = torch.zeros(20, 20, 20)
+    guide[5, 5, 5], guide[15, 15, 15] = 0.9, 0.3
+    boxes = np.array(
+        [
+            [3.5, 3.5, 3.5, 7.5, 7.5, 7.5],  # holds the 0.9 voxel
+            [12.0, 12.0, 12.0, 18.0, 18.0, 18.0],  # holds the 0.3 voxel
+            [8.0, 8.0, 8.0, 11.0, 11.0, 11.0],  # neither
+            [5.1, 5.1, 5.1, 5.3, 5.3, 5.3],  # no voxel centre inside: the nearest voxel counts
+            [-3.0, -3.0, -3.0, 0.2, 0.2, 0.2],  # beyond the grid: clipped
+        ]
+    )
+    np.testing.assert_allclose(guide_support(guide, boxes), [0.9, 0.3, 0.0, 0.9, 0.0], atol=1e-6)
+
+
+def test_a_guided_detector_keeps_only_boxes_the_guide_points_at() -> None:
+    guided = {**TINY, "input_channels": CHANNELS + 1, "guide_label": 8}
+    spec = DetectionSpec(**guided, score_threshold=0.0, candidates_per_level=10, report_score=0.0)
+    torch.manual_seed(0)
+    detector = build_detector(spec).eval()
+    model_input = _model_input()
+    nowhere = with_guide(model_input, torch.zeros(model_input.image.shape[1:]))
+    everywhere = with_guide(model_input, torch.ones(model_input.image.shape[1:]))
+    gated = spec.model_copy(update={"min_guide_probability": 0.5})
+    assert detect(detector, everywhere, gated, samples=3, seed=0)
+    assert detect(detector, nowhere, gated, samples=3, seed=0) == ()
+    ungated = spec.model_copy(update={"min_guide_probability": 0.0})
+    assert detect(detector, nowhere, ungated, samples=3, seed=0)
 
 
 def test_detect_on_a_tiny_volume_is_typed_and_seeded() -> None:
@@ -283,11 +325,12 @@ def test_cli_gives_a_model_a_guided_detector_whose_findings_infer_reports(tmp_pa
     assert model.provenance.weights_sha256 == plain.provenance.weights_sha256
     assert model.device_uid != plain.device_uid  # a detector changes what the model reports
 
-    # infer reports the detector's findings (a zero score threshold makes the untrained one find some)
+    # infer reports the detector's findings (zero thresholds make the untrained one, guided by a tiny
+    # model's faint lesion probability, find some)
     assert detector.spec.report_score == 0.5  # only findings more likely lesion than not
-    loose = replace(
-        detector, spec=detector.spec.model_copy(update={"score_threshold": 0.0, "report_score": 0.0})
-    )
+    assert detector.spec.min_guide_probability == 0.5  # ... and only where the segmentation points
+    zero = {"score_threshold": 0.0, "report_score": 0.0, "min_guide_probability": 0.0}
+    loose = replace(detector, spec=detector.spec.model_copy(update=zero))
     model = replace(model, detector=loose)
     volume = read_volume(manifest.image_dir(manifest.manifest.cases[0]))
     prediction = infer(volume, model, samples=2, seed=5)
