@@ -28,7 +28,7 @@ from medseg.model import Model
 from medseg.model_spec import ModelSpec, ReviewSpec
 from medseg.networks import set_dropout_sampling
 from medseg.preprocess import ModelGrid, ModelInput, argmax_to_source, map_to_source, pad_to_roi, to_model
-from medseg.training_range import structure_intensities
+from medseg.training_range import ScanSpacing, structure_intensities
 from medseg.uncertainty import MonteCarloSampler, SampleStructureStats, entropy
 
 log = logging.getLogger(__name__)
@@ -369,6 +369,8 @@ def infer(
     outside = outside_training_range(volume, label_map, model)
     if outside:
         notes = (*notes, f"outside the model's training data: {', '.join(outside)} (see review reasons)")
+    if model.training_range is not None:
+        notes = (*notes, *model.training_range.scan_reasons(ScanSpacing.of(volume), spec.review))
     structures = measure_structures(
         volume,
         label_map,

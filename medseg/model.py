@@ -7,8 +7,8 @@ Folder layout (written by ``medseg train`` and ``medseg import-bundle``)::
     provenance.json   training data, seed, command, metrics, weights SHA-256
     detector.pt/json  optional: a lesion detector (``medseg.detection``, ``medseg train-detector``) that
                       reports the focal findings instead of the segmentation's lesion channel
-    training_range.json  optional: each structure's intensities over the training cases
-                      (``medseg.training_range``), which inference flags a scan outside of
+    training_range.json  optional: each structure's intensities and the scans' spacing over the
+                      training cases (``medseg.training_range``), which inference flags a scan outside of
 
 The Device UID (IHE AI Results) is derived from the weights' SHA-256, the spec's decision weights
 (``medseg.calibration``) and the detector's weights, so it changes exactly when what the model outputs

@@ -198,6 +198,8 @@ class ReviewSpec(_Frozen):
     # training cases' range, and by what share of the highest training spread its spread may pass it
     training_range_margin_hu: float = Field(default=15.0, ge=0)
     training_range_margin_spread: float = Field(default=0.25, ge=0)
+    # ... and by what share a scan's slice or pixel spacing may lie beyond the training scans' range
+    training_range_margin_spacing: float = Field(default=0.25, ge=0)
 
 
 class TrainingSpec(_Frozen):

@@ -47,7 +47,7 @@ from medseg.model_spec import IntensityKind, ModelSpec, TrainingSpec
 from medseg.networks import SegmentationNet
 from medseg.preprocess import ModelInput, align_to_volume, labels_to_model, to_model
 from medseg.synth.dataset import CaseEntry, Split, SynthDataset, load_dataset, load_label_map
-from medseg.training_range import StructureIntensity, TrainingRange, structure_intensities
+from medseg.training_range import ScanSpacing, StructureIntensity, TrainingRange, structure_intensities
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +58,15 @@ CHECKPOINT = "checkpoints/last.pt"
 @dataclass(frozen=True)
 class TrainingCase:
     """One case on the model grid: normalized image and labels, each (1, X, Y, Z), with each structure's
-    intensity measured on the source grid (what the model's training range is made of)."""
+    intensity measured on the source grid and the scan's spacing (what the model's training range is
+    made of)."""
 
     case_id: str
     site: str
     image: torch.Tensor
     labels: torch.Tensor
     intensities: dict[str, StructureIntensity]
+    spacing: ScanSpacing
 
 
 def read_labelled_case(
@@ -91,6 +93,7 @@ def load_cases(
                 model_input.image,
                 labels_to_model(labels, model_input.grid),
                 structure_intensities(volume, labels, spec),
+                ScanSpacing.of(volume),
             )
         )
     return cases
@@ -116,14 +119,18 @@ def record_training_range(
         raise ValueError(f"output {output} is the model's own folder; write the new model elsewhere")
     dataset = load_dataset(dataset_path)
     entries = dataset.split_entries(Split.TRAIN, sites)
-    intensities = []
+    intensities, spacings = [], []
     for i, entry in enumerate(entries):
         volume, labels = read_labelled_case(dataset, entry)
         intensities.append(structure_intensities(volume, labels, model.spec))
+        spacings.append(ScanSpacing.of(volume))
         if progress:
             progress(i + 1, len(entries))
     found = TrainingRange.of(
-        intensities, training_data=f"train split of {_training_data(dataset, sites)}", command=command
+        intensities,
+        spacings=spacings,
+        training_data=f"train split of {_training_data(dataset, sites)}",
+        command=command,
     )
     return save_model(output, model.spec, model.network, model.provenance, model.detector, found)
 
@@ -525,6 +532,7 @@ def train(
     )
     training_range = TrainingRange.of(
         [case.intensities for case in train_cases],
+        spacings=[case.spacing for case in train_cases],
         training_data=f"train split of {provenance.training_data}",
         command=command,
     )

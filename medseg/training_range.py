@@ -12,6 +12,11 @@ structure; one outside the range by more than the spec's margin sets the structu
 value and the range as the reason. A late-arterial aorta, a low-dose scan's noise or a drifted calibration
 is named as what it is, whatever the samples' spread.
 
+The scans' geometry is recorded too: the range of slice spacing and of in-plane pixel spacing. A scan
+coarser than any training scan by more than the spec's margin (thicker slices, larger pixels) is named in
+the prediction's notes, which reach the SR, ``summary.json`` and the printed summary: it concerns every
+structure, not one.
+
 Only intensities in Hounsfield units are compared: MR stored values have no common scale across scanners.
 """
 
@@ -75,6 +80,55 @@ def structure_intensities(
 
 
 @dataclass(frozen=True)
+class ScanSpacing:
+    """A scan's geometry as far as a model on a fixed grid is concerned: slice spacing and the coarser of
+    the two in-plane pixel spacings (mm)."""
+
+    slice_mm: float
+    pixel_mm: float
+
+    @classmethod
+    def of(cls, volume: ImageVolume) -> ScanSpacing:
+        slice_mm, row_mm, column_mm = volume.spacing
+        return cls(slice_mm=round(slice_mm, 3), pixel_mm=round(max(row_mm, column_mm), 3))
+
+
+@dataclass(frozen=True)
+class SpacingRange:
+    """Over the training scans: the lowest and highest slice spacing and pixel spacing (mm)."""
+
+    slice_mm: tuple[float, float]
+    pixel_mm: tuple[float, float]
+
+    @classmethod
+    def of(cls, spacings: Sequence[ScanSpacing]) -> SpacingRange:
+        slices, pixels = [s.slice_mm for s in spacings], [s.pixel_mm for s in spacings]
+        return cls(slice_mm=(min(slices), max(slices)), pixel_mm=(min(pixels), max(pixels)))
+
+    def merged(self, other: SpacingRange) -> SpacingRange:
+        return SpacingRange(
+            slice_mm=(min(self.slice_mm[0], other.slice_mm[0]), max(self.slice_mm[1], other.slice_mm[1])),
+            pixel_mm=(min(self.pixel_mm[0], other.pixel_mm[0]), max(self.pixel_mm[1], other.pixel_mm[1])),
+        )
+
+    def reasons(self, scan: ScanSpacing, margin: float, cases: int) -> tuple[str, ...]:
+        """Why ``scan`` is coarser than the training scans by more than ``margin`` (a share of the
+        coarsest). A finer scan is no reason: the model samples it onto its own coarser grid, and the
+        validation report's full-size scans (0.8 mm pixels) score as well as training's 1.5-1.8 mm."""
+        out = []
+        for what, value, (_, high) in (
+            ("slice spacing", scan.slice_mm, self.slice_mm),
+            ("pixel spacing", scan.pixel_mm, self.pixel_mm),
+        ):
+            if value > high * (1.0 + margin):
+                out.append(
+                    f"scan outside the training data: {what} {value:.2f} mm, "
+                    f"training at most {high:.2f} mm ({cases} cases)"
+                )
+        return tuple(out)
+
+
+@dataclass(frozen=True)
 class IntensityRange:
     """Over the training cases that hold a structure: the lowest and highest median, and of spread."""
 
@@ -92,12 +146,19 @@ class TrainingRange:
     training_data: str
     command: str = ""
     unit: str = IntensityUnit.HOUNSFIELD.value  # what ``structure_intensities`` measures in: always HU
+    spacing: SpacingRange | None = None  # None: not recorded (ranges written before it was)
 
     @classmethod
     def of(
-        cls, cases: Sequence[Mapping[str, StructureIntensity]], *, training_data: str, command: str = ""
+        cls,
+        cases: Sequence[Mapping[str, StructureIntensity]],
+        *,
+        spacings: Sequence[ScanSpacing] = (),
+        training_data: str,
+        command: str = "",
     ) -> TrainingRange:
-        """The range of ``cases`` (each a ``structure_intensities`` of one training scan with its truth)."""
+        """The range of ``cases`` (each a ``structure_intensities`` of one training scan with its truth)
+        and of the same scans' ``spacings``."""
         names = sorted({name for case in cases for name in case})
         structures = {}
         for name in names:
@@ -107,7 +168,13 @@ class TrainingRange:
             structures[name] = IntensityRange(
                 median=(min(medians), max(medians)), spread=(min(spreads), max(spreads)), cases=len(held)
             )
-        return cls(structures=structures, cases=len(cases), training_data=training_data, command=command)
+        return cls(
+            structures=structures,
+            cases=len(cases),
+            training_data=training_data,
+            command=command,
+            spacing=SpacingRange.of(spacings) if spacings else None,
+        )
 
     def merged(self, later: TrainingRange) -> TrainingRange:
         """The range of a model fine-tuned on ``later``'s cases from one trained on these: both (once,
@@ -131,6 +198,8 @@ class TrainingRange:
             cases=self.cases + later.cases,
             training_data=f"{later.training_data}, after {self.training_data}",
             command=later.command,
+            # unknown for the earlier scans: unknown for the model
+            spacing=self.spacing.merged(later.spacing) if self.spacing and later.spacing else None,
         )
 
     def reasons(self, name: str, measured: StructureIntensity, review: ReviewSpec) -> tuple[str, ...]:
@@ -165,6 +234,12 @@ class TrainingRange:
         found = {name: self.reasons(name, measured, review) for name, measured in intensities.items()}
         return {name: why for name, why in found.items() if why}
 
+    def scan_reasons(self, scan: ScanSpacing, review: ReviewSpec) -> tuple[str, ...]:
+        """Why a scan's geometry lies outside the training scans' (empty: inside, or not recorded)."""
+        if self.spacing is None:
+            return ()
+        return self.spacing.reasons(scan, review.training_range_margin_spacing, self.cases)
+
     def save(self, folder: Path) -> None:
         (folder / RANGE_FILE).write_text(json.dumps(asdict(self), indent=1) + "\n")
 
@@ -184,11 +259,15 @@ def load_training_range(folder: Path) -> TrainingRange | None:
         }
         if data["unit"] != IntensityUnit.HOUNSFIELD.value:
             raise ValueError(f"unit {data['unit']!r}: only ranges in HU are compared")
+        spacing = data.get("spacing")
         return TrainingRange(
             structures=structures,
             cases=int(data["cases"]),
             training_data=str(data["training_data"]),
             command=str(data.get("command", "")),
+            spacing=None
+            if spacing is None
+            else SpacingRange(slice_mm=_pair(spacing["slice_mm"]), pixel_mm=_pair(spacing["pixel_mm"])),
         )
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise TrainingRangeError(f"{path}: not a training range ({err!r})") from err

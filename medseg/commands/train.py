@@ -14,8 +14,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Train the network a model spec describes on the train split of a dataset manifest "
             "(medseg synth writes one), validating on its val split after every epoch. The output folder "
             "becomes a model folder (spec.yaml, weights.pt of the best epoch, provenance.json, "
-            "training_range.json: each structure's HU over the train split, which inference flags a scan "
-            "outside of) with checkpoints/last.pt for --resume."
+            "training_range.json: each structure's HU and the scans' spacing over the train split, which "
+            "inference flags a scan outside of) with checkpoints/last.pt for --resume."
         ),
     )
     p.add_argument("spec", help="model spec YAML (configs/models/*.yaml)")

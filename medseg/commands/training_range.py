@@ -14,8 +14,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Measures each structure's median HU and spread inside its labels on the train split of the "
             "dataset manifest the model was trained on, and writes a model folder with the same weights and "
             "Device UID plus training_range.json. Inference then flags a structure whose intensity lies "
-            "outside that range (another contrast phase, a noisier or miscalibrated scanner). 'medseg train' "
-            "records it itself; this is for models trained before it did."
+            "outside that range (another contrast phase, a noisier or miscalibrated scanner) and a scan "
+            "coarser than any training scan (slice and pixel spacing). 'medseg train' records it itself; "
+            "this is for models trained before it did."
         ),
     )
     p.add_argument("model", help="model name or folder")
@@ -52,5 +53,10 @@ def run(args: argparse.Namespace) -> int:
             f"{r.spread[0]:.0f} to {r.spread[1]:.0f}",
         )
     console.print(table)
+    if found.spacing is not None:
+        low, high = found.spacing.slice_mm
+        console.print(f"slice spacing {low:.2f} to {high:.2f} mm", end="; ")
+        low, high = found.spacing.pixel_mm
+        console.print(f"pixel spacing {low:.2f} to {high:.2f} mm")
     console.print(f"{saved!r} -> {args.output}")
     return 0

@@ -20,6 +20,8 @@ from medseg.synth.dataset import Split, load_dataset
 from medseg.training_range import (
     RANGE_FILE,
     IntensityRange,
+    ScanSpacing,
+    SpacingRange,
     StructureIntensity,
     TrainingRange,
     structure_intensities,
@@ -93,6 +95,29 @@ def test_a_fine_tuned_model_keeps_the_range_of_both_trainings() -> None:
     assert later.merged(later) == later  # the same data again counts once
 
 
+def test_a_scan_much_coarser_than_any_in_training_is_named() -> None:
+    spacings = [ScanSpacing(slice_mm=2.0, pixel_mm=0.7), ScanSpacing(slice_mm=5.0, pixel_mm=0.9)]
+    known = TrainingRange.of([{}, {}], spacings=spacings, training_data="two scans")
+    assert known.spacing == SpacingRange(slice_mm=(2.0, 5.0), pixel_mm=(0.7, 0.9))
+    assert known.scan_reasons(ScanSpacing(6.0, 1.1), REVIEW) == ()  # within the 25 % margin
+    assert known.scan_reasons(ScanSpacing(0.5, 0.3), REVIEW) == ()  # finer: sampled onto the model grid
+    (thick,) = known.scan_reasons(ScanSpacing(8.0, 0.8), REVIEW)
+    assert thick == (
+        "scan outside the training data: slice spacing 8.00 mm, training at most 5.00 mm (2 cases)"
+    )
+    both = known.scan_reasons(ScanSpacing(7.0, 1.2), REVIEW)
+    assert [r.split(",")[0] for r in both] == [
+        "scan outside the training data: slice spacing 7.00 mm",
+        "scan outside the training data: pixel spacing 1.20 mm",
+    ]
+    assert ScanSpacing.of(_volume(np.zeros((4, 4, 4)))) == ScanSpacing(slice_mm=1.0, pixel_mm=2.0)
+    unknown = TrainingRange.of([{}], training_data="before spacing was recorded")
+    assert unknown.spacing is None and unknown.scan_reasons(ScanSpacing(50.0, 9.0), REVIEW) == ()
+    later = TrainingRange.of([{}], spacings=[ScanSpacing(3.0, 1.2)], training_data="more")
+    assert known.merged(later).spacing == SpacingRange(slice_mm=(2.0, 5.0), pixel_mm=(0.7, 1.2))
+    assert unknown.merged(later).spacing is None  # the earlier scans' geometry is not known
+
+
 def test_an_arterial_rescan_lies_outside_the_range_of_the_unenhanced_scan() -> None:
     site = load_site("site_a")
     plain = synthesize_case(site, 4, 0, matrix=64, slices=24, phase=ContrastPhase.NON_CONTRAST)
@@ -113,6 +138,7 @@ def test_inference_flags_the_structures_outside_the_model_range(tmp_path: Path) 
         structures={n: IntensityRange(median=(5000.0, 5001.0), spread=(0.0, 1.0), cases=1) for n in names},
         cases=1,
         training_data="no scan is like this",
+        spacing=SpacingRange(slice_mm=(0.2, 0.5), pixel_mm=(0.5, 2.0)),  # the volume's slices are 1 mm
     )
     saved = save_model(tmp_path / "m", SPEC, SegmentationNet(SPEC), provenance, training_range=impossible)
     model = load_model(saved.folder)
@@ -128,6 +154,10 @@ def test_inference_flags_the_structures_outside_the_model_range(tmp_path: Path) 
         if name in present:
             assert m.needs_review and any(r.startswith("outside the training data") for r in m.review_reasons)
     assert any("outside the model's training data" in note for note in prediction.notes)
+    assert any(
+        note.startswith("scan outside the training data: slice spacing 1.00") for note in prediction.notes
+    )
+    assert not any("pixel spacing" in note for note in prediction.notes)
     as_mr = _volume(case.image, IntensityUnit.MR_STORED)
     assert outside_training_range(as_mr, prediction.label_map, model) == {}  # no HU, nothing to compare
 
@@ -158,6 +188,7 @@ def test_cli_records_the_range_train_records_for_an_older_model(tmp_path: Path) 
     assert recorded.device_uid == trained.device_uid  # same weights, same outputs but for the flag
     assert recorded.training_range is not None
     assert recorded.training_range.structures == trained.training_range.structures
+    assert recorded.training_range.spacing == trained.training_range.spacing is not None
     assert recorded.training_range.command == shlex.join(["medseg", *args])
     assert main(["-q", "training-range", str(base), str(dataset), "-o", str(base)]) == 2  # never in place
     assert main(["-q", "training-range", str(base), str(tmp_path / "nope"), "-o", str(tmp_path / "x")]) == 2
