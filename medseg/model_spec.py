@@ -198,7 +198,7 @@ class ReviewSpec(_Frozen):
     # training cases' range, and by what share of the highest training spread its spread may pass it
     training_range_margin_hu: float = Field(default=15.0, ge=0)
     training_range_margin_spread: float = Field(default=0.25, ge=0)
-    # ... and by what share a scan's slice or pixel spacing may lie beyond the training scans' range
+    # ... and by what share a scan's slice or pixel spacing may pass the coarsest training scan's
     training_range_margin_spacing: float = Field(default=0.25, ge=0)
 
 
