@@ -805,6 +805,8 @@ def detect(
     volume = np.asarray(image.shape[1:], dtype=np.float64)
     patch = spec.inference_window(image.shape[1:])
     padded = _pad_to(image.float(), patch)
+    gated = spec.guide_label is not None and spec.min_guide_probability > 0
+    guide = image[-1].float().cpu().numpy() if gated else None  # once, not per sample
     found: list[list[tuple[FloatArray, FloatArray]]] = [[] for _ in range(samples)]
     with torch.inference_mode(), _sampling(features, masks):
         for start, core_lo, core_hi in _windows(padded.shape[1:], patch, spec.window_overlap):
@@ -826,8 +828,8 @@ def detect(
         boxes, scores = boxes[top], scores[top]
         boxes[:, :3] = np.clip(boxes[:, :3], -0.5, volume - 0.5)
         boxes[:, 3:] = np.clip(boxes[:, 3:], boxes[:, :3], volume - 0.5)
-        if spec.guide_label is not None and spec.min_guide_probability > 0:
-            supported = guide_support(image[-1], boxes) >= spec.min_guide_probability
+        if guide is not None:
+            supported = guide_support(guide, boxes) >= spec.min_guide_probability
             boxes, scores = boxes[supported], scores[supported]
         all_boxes.append(boxes)
         all_scores.append(scores)
@@ -848,10 +850,10 @@ def detect(
     return findings
 
 
-def guide_support(guide: torch.Tensor, boxes: FloatArray) -> FloatArray:
+def guide_support(guide: npt.ArrayLike, boxes: FloatArray) -> FloatArray:
     """Per voxel box (N, 6), the guide's highest value at the voxel centres inside it (the voxel nearest
     the box centre when none is): how strongly the segmentation points at what the detector boxed."""
-    values = guide.detach().float().cpu().numpy()
+    values = np.asarray(guide, dtype=np.float32)
     last = np.asarray(values.shape) - 1
     out = np.zeros(len(boxes))
     for n, box in enumerate(np.asarray(boxes, dtype=np.float64).reshape(-1, 6)):
