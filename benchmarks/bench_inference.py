@@ -9,8 +9,8 @@ each variant's own) in the same run on the same machine:
   EnsureChannelFirst, Orientation, ScaleIntensityRange, for a spec with ``smooth_before_shrinking``
   GaussianSmooth (edge-padded by BorderPad: GaussianSmooth pads with zeros, in a CT window soft tissue),
   Spacing, ``model.train()``, ``--samples`` separate
-  ``sliding_window_inference`` calls, mean softmax, the spec's decision step (``decision_scores``: decision
-  weights and one-piece organs, which medseg applies too), SpatialResample back, argmax.
+  ``sliding_window_inference`` calls, mean softmax, the spec's decision step (``decision_scores``: body
+  mask, decision weights and one-piece organs, which medseg applies too), SpatialResample back, argmax.
 
 Prints the two ratios the issue asks for (MC / deterministic inference, naive / medseg whole stage), the
 agreement between the naive and medseg label maps (per structure, their mean, and the voxel-weighted Dice
@@ -85,6 +85,7 @@ def _variant_naive(series: Path, model_name: str, samples: int, out: Path) -> di
 
     from medseg.inference import decision_scores
     from medseg.model import load_model
+    from medseg.preprocess import enclosed_body
 
     model = load_model(model_name)
     spec = model.spec
@@ -121,9 +122,16 @@ def _variant_naive(series: Path, model_name: str, samples: int, out: Path) -> di
             softmax = torch.softmax(torch.as_tensor(logits), dim=1)[0]
             probabilities = softmax if probabilities is None else probabilities + softmax
     assert probabilities is not None
-    # the spec's decision step (decision weights, one-piece organs) on the model grid, as medseg takes it:
-    # the comparison is of the inference stage, not of post-processing only one side would do
-    mean = decision_scores(torch.as_tensor(probabilities / samples), spec)
+    # the spec's decision step (body mask, decision weights, one-piece organs) on the model grid, as
+    # medseg takes it: the comparison is of the inference stage, not of post-processing only one side does
+    body = None
+    if spec.inference.body_threshold_hu is not None:
+        tissue = Spacing(pixdim=spec.preprocessing.spacing_mm, mode="bilinear")(
+            (loaded > spec.inference.body_threshold_hu).float()
+        )
+        in_plane = min(spec.preprocessing.spacing_mm[:2])  # LPS: the third axis is S
+        body = enclosed_body(np.asarray(tissue[0]) >= 0.5, 2, in_plane)
+    mean = decision_scores(torch.as_tensor(probabilities / samples), spec, body)
     mean = MetaTensor(mean, affine=resampled.affine)
     back = SpatialResample(mode="bilinear")(mean, dst_affine=image.affine, spatial_size=image.shape[1:])
     labels = torch.as_tensor(back).argmax(0).numpy().astype(np.uint8)

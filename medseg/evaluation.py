@@ -11,17 +11,20 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple, Protocol
 
+import nibabel as nib
 import numpy as np
 import numpy.typing as npt
 import torch
 from scipy import stats
 
 from dicom_io.ai_result import LesionFinding
+from dicom_io.volume import ImageVolume
 from medseg.inference import Prediction
 from medseg.model_spec import ModelSpec
-from medseg.preprocess import argmax_to_source, labels_to_model, plan_grid
+from medseg.preprocess import align_to_volume, argmax_to_source, labels_to_model, plan_grid
 
 HIT_IOU = 0.1
 FloatArray = npt.NDArray[np.float64]
@@ -246,6 +249,48 @@ def dice_scores(
     """Dice per structure name (label values are 1..n in spec order)."""
     scores = dice_per_class(prediction, truth, spec.num_classes)
     return {label.name: scores[label.value - 1] for label in spec.labels}
+
+
+# TotalSegmentator v2 ("total" task) class numbers of the structures default_ct labels. TotalSegmentator's
+# output for its own example CT (in ../shared/data) is the one real-anatomy reference there is: a model's
+# segmentation, not a hand's. Bone: sacrum, vertebrae, humeri, scapulae, clavicles, femurs, hips, skull,
+# ribs and sternum (costal cartilage is not bone).
+TOTALSEGMENTATOR_CLASSES: dict[str, tuple[int, ...]] = {
+    "Liver": (5,),
+    "Spleen": (1,),
+    "Left kidney": (3,),
+    "Right kidney": (2,),
+    "Aorta": (52,),
+    "Lung": (10, 11, 12, 13, 14),
+    "Bone": (*range(25, 51), *range(69, 79), *range(91, 117)),
+}
+
+
+def read_reference_labels(path: Path, volume: ImageVolume) -> npt.NDArray[np.integer]:
+    """A NIfTI label map (RAS, as TotalSegmentator and dcm2niix write them) on ``volume``'s grid."""
+    image = nib.load(path)
+    if not isinstance(image, nib.spatialimages.SpatialImage):
+        raise ValueError(f"{path}: not a label map with a spatial affine ({type(image).__name__})")
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ image.affine
+    return align_to_volume(np.asarray(image.dataobj), lps, volume, what=str(path))
+
+
+def reference_dice(
+    label_map: npt.NDArray[np.integer],
+    reference: npt.NDArray[np.integer],
+    spec: ModelSpec,
+    classes: dict[str, tuple[int, ...]] = TOTALSEGMENTATOR_CLASSES,
+) -> dict[str, float]:
+    """Dice per structure against another tool's label map on the same grid, whose class numbers for
+    each structure ``classes`` gives; NaN where neither labels the structure."""
+    scores = {}
+    for label in spec.labels:
+        if label.name not in classes:
+            continue
+        ours, theirs = label_map == label.value, np.isin(reference, classes[label.name])
+        size = int(ours.sum() + theirs.sum())
+        scores[label.name] = 2 * int((ours & theirs).sum()) / size if size else math.nan
+    return scores
 
 
 def evaluate_prediction(

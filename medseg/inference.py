@@ -27,7 +27,15 @@ from medseg.lesions import lesion_findings
 from medseg.model import Model
 from medseg.model_spec import ModelSpec, ReviewSpec
 from medseg.networks import set_dropout_sampling
-from medseg.preprocess import ModelGrid, ModelInput, argmax_to_source, map_to_source, pad_to_roi, to_model
+from medseg.preprocess import (
+    ModelGrid,
+    ModelInput,
+    argmax_to_source,
+    body_mask,
+    map_to_source,
+    pad_to_roi,
+    to_model,
+)
 from medseg.training_range import ScanSpacing, structure_intensities
 from medseg.uncertainty import MonteCarloSampler, SampleStructureStats, entropy
 
@@ -64,6 +72,8 @@ class Prediction:
     channel_lesions: tuple[LesionFinding, ...] = ()  # the lesion channel's findings, reported or not
     # structures (by name) whose intensity lies outside the model's training range, with the reasons
     outside_training_data: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # (X, Y, Z) bool on ``grid``: where labels may be (the patient's body); None where the spec sets none
+    body: torch.Tensor | None = None
 
     def __repr__(self) -> str:
         flagged = [m.label for m in self.structures if m.needs_review]
@@ -228,28 +238,62 @@ def largest_components_only(probabilities: torch.Tensor, labels: Sequence[int]) 
     return kept
 
 
-def decision_scores(probabilities: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
-    """What the label map's argmax is taken over: the (C, X, Y, Z) mean probabilities times each label's
-    ``decision_weight`` (``medseg.calibration``), then ``largest_components_only`` for one-piece organs.
-    A new tensor where anything changes; the reported probabilities stay the network's."""
+def inside_body_only(probabilities: torch.Tensor, body: torch.Tensor | None) -> torch.Tensor:
+    """(C, X, Y, Z) probabilities with every label but background zeroed outside ``body`` (a copy;
+    unchanged without a body mask), so nothing is labelled or found where the patient is not."""
+    if body is None:
+        return probabilities
+    kept = probabilities.clone()
+    kept[1:].masked_fill_(~body, 0.0)
+    return kept
+
+
+def decision_scores(
+    probabilities: torch.Tensor, spec: ModelSpec, body: torch.Tensor | None = None
+) -> torch.Tensor:
+    """What the label map's argmax is taken over: the (C, X, Y, Z) mean probabilities inside the body
+    (``inside_body_only``) times each label's ``decision_weight`` (``medseg.calibration``), then
+    ``largest_components_only`` for one-piece organs. A new tensor where anything changes; the reported
+    probabilities stay the network's."""
+    probabilities = inside_body_only(probabilities, body)
     weights = spec.decision_weights
     if any(w != 1.0 for w in weights):
         probabilities = probabilities * torch.tensor(weights, dtype=probabilities.dtype).view(-1, 1, 1, 1)
     return largest_components_only(probabilities, spec.single_component_labels)
 
 
+def body_on_grid(volume: ImageVolume, grid: ModelGrid, spec: ModelSpec) -> torch.Tensor | None:
+    """The spec's body mask of ``volume`` on the model grid, or None where the spec sets no threshold."""
+    threshold = spec.inference.body_threshold_hu
+    if threshold is None:
+        return None
+    return body_mask(volume, grid, threshold, antialias=spec.preprocessing.smooth_before_shrinking)
+
+
 def sample_on_grid(
-    image: torch.Tensor, model: Model, *, samples: int, seed: int, device: torch.device
+    image: torch.Tensor,
+    model: Model,
+    *,
+    samples: int,
+    seed: int,
+    device: torch.device,
+    body: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, MonteCarloSampler]:
     """Monte-Carlo statistics of a (channels, X, Y, Z) image on the model grid: the blended window
     output (its channels laid out as ``sampler.channels`` says, on the CPU) and the sampler, which holds
-    the per-structure sample statistics. ``infer`` and the calibration (``medseg.calibration``) share it,
-    so that decision weights are fitted on exactly the probabilities inference takes its argmax of."""
+    the per-structure sample statistics (counted inside ``body`` only, where one is given, as the label
+    map is). ``infer`` and the calibration (``medseg.calibration``) share it, so that decision weights
+    are fitted on exactly the probabilities inference takes its argmax of."""
     spec = model.spec
     padded, crop = pad_to_roi(image[None], spec.inference.roi_size)
     net = model.network.to(device)
     set_dropout_sampling(net, enabled=samples > 1)  # eval mode; dropout sampling only for several samples
-    weights = _window_weights(padded.shape[2:], spec).to(device)
+    weights = _window_weights(padded.shape[2:], spec)
+    if body is not None:
+        inside = torch.zeros(padded.shape[2:], dtype=torch.bool)
+        inside[tuple(crop)] = body
+        weights = weights * inside
+    weights = weights.to(device)
     sampler = MonteCarloSampler(
         net,
         samples=samples,
@@ -328,8 +372,9 @@ def infer(
             stage(name)
 
     model_input = to_model(volume, spec)
+    body = body_on_grid(volume, model_input.grid, spec)
     mark("resample to model grid")
-    out, sampler = sample_on_grid(model_input.image, model, samples=n, seed=seed, device=device)
+    out, sampler = sample_on_grid(model_input.image, model, samples=n, seed=seed, device=device, body=body)
     channels = sampler.channels
     mean_p = channels.mean(out)
     predictive = entropy(mean_p, dim=0)
@@ -340,7 +385,7 @@ def infer(
         for finding in lesion_findings(
             mean_p[label],
             channels.focal_variance(out, i),
-            channels.votes(out, i),
+            channels.votes(out, i) if body is None else channels.votes(out, i) * body,
             model_input.grid,
             spec.review,
         )
@@ -348,7 +393,9 @@ def infer(
     mark("network")
     candidates = channel_lesions
     if model.detector is not None:
-        candidates = detector_findings(model.detector, model_input, mean_p, samples=n, seed=seed)
+        candidates = detector_findings(
+            model.detector, model_input, inside_body_only(mean_p, body), samples=n, seed=seed
+        )
         mark("lesion detector")
     limit = spec.review.max_lesion_findings
     lesions = candidates[:limit]
@@ -359,7 +406,7 @@ def infer(
         )
         log.warning("%s", notes[0])
 
-    label_map = argmax_to_source(decision_scores(mean_p, spec), model_input.grid)
+    label_map = argmax_to_source(decision_scores(mean_p, spec, body), model_input.grid)
     entropy_map = map_to_source(predictive, model_input.grid)
     mi_map = map_to_source(mutual, model_input.grid)
     np.maximum(entropy_map, 0, out=entropy_map)
@@ -401,4 +448,5 @@ def infer(
         lesion_source="segmentation" if model.detector is None else "detector",
         channel_lesions=channel_lesions[:limit],
         outside_training_data=outside,
+        body=body,
     )

@@ -134,6 +134,9 @@ class InferenceSpec(_Frozen):
     roi_size: tuple[int, int, int]
     overlap: Annotated[float, Field(ge=0, lt=1)] = 0.25
     sw_batch_size: int = Field(default=1, ge=1)
+    # CT: voxels outside the patient's body get no label (``medseg.preprocess.body_mask``: tissue above
+    # this HU, the table opened away, lungs and bowel gas filled). None: any voxel may be labelled.
+    body_threshold_hu: float | None = Field(default=None, ge=-1000, le=0)
 
     @model_validator(mode="after")
     def _roi_divisible(self) -> InferenceSpec:

@@ -12,6 +12,7 @@ noise in four. Training and inference call the same functions: no train/inferenc
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,11 +22,16 @@ import torch
 import torch.nn.functional as F
 from monai.networks.layers import gaussian_1d
 from nibabel import orientations
+from scipy import ndimage
 
-from dicom_io.volume import ImageVolume, Modality
+from dicom_io.volume import ImageVolume, IntensityUnit, Modality
 from medseg.model_spec import IntensityKind, IntensitySpec, ModelSpec, ModelSpecError, Orientation
 
 FloatArray = npt.NDArray[np.float32]
+# ``enclosed_body``: every piece of a patient (an arm, a hand) is this thick somewhere in an axial plane;
+# the table's carbon shell and a blanket's fold are not (the example CT's table is one 3 mm model voxel
+# thick, but two voxels where its two shells meet: 9 mm let it through, 15 mm does not)
+BODY_MIN_THICKNESS_MM = 15.0
 
 
 @dataclass(frozen=True)
@@ -244,6 +250,45 @@ def to_model(volume: ImageVolume, spec: ModelSpec) -> ModelInput:
     ]
     image = _model_axis_order(torch.cat(channels), grid.ornt).contiguous()
     return ModelInput(image=image, grid=grid)
+
+
+def body_mask(volume: ImageVolume, grid: ModelGrid, threshold_hu: float, *, antialias: bool) -> torch.Tensor:
+    """Where the patient is, as an (X, Y, Z) bool tensor on the model grid; all True for a volume not in HU.
+
+    Tissue is what lies above ``threshold_hu``; in each axial plane of the model grid, pieces nowhere
+    15 mm thick (the table's shell, a blanket's fold) are left out and enclosed holes (lungs, bowel
+    gas) filled (``enclosed_body``). Real scans put foam mattresses and blankets (-950 to -800 HU) and
+    carbon-fibre table shells beside the patient, which the synthetic training studies never have: a
+    network calls the foam lung and the table bone. Planes, not 3-D: a lung cut by the scan's first or
+    last slice is still enclosed in its axial plane, and an airway open to the room is not a hole in 3-D."""
+    if volume.unit is not IntensityUnit.HOUNSFIELD:
+        return torch.ones(grid.shape, dtype=torch.bool)
+    tissue = torch.from_numpy(np.asarray(volume.array) > threshold_hu).to(torch.float32)[None]
+    sampled = _sample_axes(tissue, _model_positions(grid), antialias=antialias)
+    on_grid = (_model_axis_order(sampled, grid.ornt)[0] >= 0.5).numpy()
+    axial = int(np.argmax(np.abs(grid.affine[2, :3])))  # the model axis closest to the patient's S-I axis
+    in_plane = min(s for a, s in enumerate(grid.spacing_mm) if a != axial)
+    return enclosed_body(on_grid, axial, in_plane)
+
+
+def enclosed_body(tissue: npt.NDArray[np.bool_], axial: int, in_plane_mm: float) -> torch.Tensor:
+    """``body_mask``'s shape step on a grid's tissue voxels (``in_plane_mm`` apart), in each plane normal
+    to ``axial``: the connected pieces of tissue that are ``BODY_MIN_THICKNESS_MM`` thick somewhere
+    (opening by reconstruction: a thin chest wall stays whole where a plain opening would break it and
+    let the lung out), with their enclosed holes filled."""
+    plane = _in_plane_square(axial)
+    steps = max(1, math.ceil((BODY_MIN_THICKNESS_MM / in_plane_mm - 1) / 2))  # a square 2 * steps + 1 wide
+    pieces, _ = ndimage.label(tissue, structure=plane)
+    thick = np.unique(pieces[ndimage.binary_opening(tissue, structure=plane, iterations=steps)])
+    kept = np.isin(pieces, thick[thick > 0])
+    return torch.from_numpy(ndimage.binary_fill_holes(kept, structure=plane))
+
+
+def _in_plane_square(axis: int) -> npt.NDArray[np.bool_]:
+    """A 3x3x3 structuring element that is the full 3x3 square in the plane normal to ``axis``."""
+    element = np.zeros((3, 3, 3), dtype=bool)
+    element[tuple(1 if a == axis else slice(None) for a in range(3))] = True
+    return element
 
 
 def align_to_volume(

@@ -21,6 +21,7 @@ from medseg.preprocess import (
     _model_positions,
     _sample_axes,
     argmax_to_source,
+    body_mask,
     labels_to_model,
     map_to_source,
     plan_grid,
@@ -44,24 +45,110 @@ def _small_spec(**uncertainty: object) -> dict:
 
 
 def _model(tmp_path: Path, **uncertainty: object) -> Model:
-    spec = parse_spec(_small_spec(**uncertainty), "test")
+    return _model_from(tmp_path / "model", _small_spec(**uncertainty))
+
+
+def _model_from(folder: Path, data: dict) -> Model:
+    spec = parse_spec(data, "test")
     torch.manual_seed(0)
     provenance = ModelProvenance(source="test", training_data="none", seed=0, command="", weights_sha256="")
-    return save_model(tmp_path / "model", spec, SegmentationNet(spec), provenance)
+    return save_model(folder, spec, SegmentationNet(spec), provenance)
+
+
+def _ct(array: np.ndarray, affine: np.ndarray, unit: IntensityUnit = IntensityUnit.HOUNSFIELD) -> ImageVolume:
+    return ImageVolume(
+        array=array.astype(np.float32),
+        affine=affine,
+        modality=Modality.CT,
+        unit=unit,
+        series=SeriesContext("1.2.3", "1.2.3.4", None, 1, "synthetic", "test", "p"),
+        frames=(),
+        geometry=GeometryReport(array.shape[0], 1.0, 1.0, 1.0, 0.0, ()),
+    )
 
 
 def _volume(matrix: int = 64, slices: int = 24) -> tuple[ImageVolume, np.ndarray]:
     case = synthesize_case(load_site("site_a"), 3, 0, matrix=matrix, slices=slices)
-    volume = ImageVolume(
-        array=case.image,
-        affine=case.affine,
-        modality=Modality.CT,
-        unit=IntensityUnit.HOUNSFIELD,
-        series=SeriesContext("1.2.3", "1.2.3.4", None, 1, "synthetic", "test", "p"),
-        frames=(),
-        geometry=GeometryReport(slices, 1.0, 1.0, 1.0, 0.0, ()),
-    )
-    return volume, case.labels
+    return _ct(case.image, case.affine), case.labels
+
+
+def _patient_on_a_table() -> tuple[ImageVolume, dict[str, tuple[int, int]]]:
+    """A (24, 128, 128) CT at 1.5 mm pixels and 2 mm slices as a real scanner sees the patient: a body with
+    two lungs and a gas bubble in it, an arm beside it, a foam mattress (-900 HU) under it and a 3 mm
+    carbon table shell (+300 HU) under that; with the (row, column) of a point in each."""
+    rows, cols = np.mgrid[0:128, 0:128]
+    plane = np.full((128, 128), -1000.0)
+    plane[((rows - 56) / 30) ** 2 + ((cols - 64) / 34) ** 2 <= 1] = 40.0
+    for centre in (46, 82):  # the lungs
+        plane[((rows - 50) / 12) ** 2 + ((cols - centre) / 10) ** 2 <= 1] = -850.0
+    plane[(rows - 70) ** 2 + (cols - 64) ** 2 <= 16] = -1000.0  # gas in the bowel
+    plane[(rows - 56) ** 2 + (cols - 114) ** 2 <= 64] = 40.0  # the arm, 12 mm from the body
+    plane[88:100, 10:118] = -900.0
+    plane[101:103, 10:118] = 300.0
+    affine = np.array([[0, 0, 1.5, -96.0], [0, 1.5, 0, -96.0], [2.0, 0, 0, -24.0], [0, 0, 0, 1.0]])
+    points = {
+        "body": (60, 64),
+        "lung": (50, 46),
+        "gas": (70, 64),
+        "arm": (56, 114),
+        "mattress": (94, 64),
+        "table": (102, 64),
+        "room air": (10, 10),
+    }
+    return _ct(np.repeat(plane[None], 24, axis=0), affine), points
+
+
+def test_body_mask_keeps_the_patient_and_leaves_out_table_mattress_and_room_air() -> None:
+    volume, points = _patient_on_a_table()
+    spec = load_spec(DEFAULT_SPEC)
+    grid = plan_grid(volume.array.shape, volume.affine, spec)
+    body = body_mask(volume, grid, -500.0, antialias=False)
+    assert body.shape == grid.shape and body.dtype == torch.bool
+    on_source = map_to_source(body.float(), grid) >= 0.5
+    inside = {name: bool(on_source[12, row, col]) for name, (row, col) in points.items()}
+    assert inside == {
+        "body": True,
+        "lung": True,
+        "gas": True,
+        "arm": True,
+        "mattress": False,
+        "table": False,
+        "room air": False,
+    }
+    not_hu = _ct(volume.array, volume.affine, IntensityUnit.MR_STORED)
+    assert body_mask(not_hu, grid, -500.0, antialias=False).all()  # no HU, no threshold to apply
+
+
+@pytest.mark.parametrize("site", ["site_a", "site_b", "site_c", "site_d", "site_e"])
+def test_body_mask_holds_every_labelled_voxel_of_a_synthetic_patient(site: str) -> None:
+    """The mask must never cut the patient: on each site's phantom (lungs, bowel gas, 5 mm slices at
+    site c) every voxel of the ground truth lies inside it."""
+    case = synthesize_case(load_site(site), 7, 0, matrix=128, slices=40)
+    volume = _ct(case.image, case.affine)
+    spec = load_spec(DEFAULT_SPEC)
+    grid = plan_grid(volume.array.shape, volume.affine, spec)
+    assert spec.inference.body_threshold_hu is not None
+    body = body_mask(volume, grid, spec.inference.body_threshold_hu, antialias=False)
+    inside = map_to_source(body.float(), grid) >= 0.5
+    assert inside[case.labels > 0].all()
+    assert not inside.all()  # and it is not everything: the room air around the patient is out
+
+
+def test_nothing_is_labelled_or_found_outside_the_body(tmp_path: Path) -> None:
+    """The tiny untrained model labels voxels everywhere; with the spec's body threshold, none outside."""
+    volume, _ = _patient_on_a_table()
+    data = _small_spec(samples=3)
+    data["preprocessing"]["spacing_mm"] = [3.0] * 3
+    data["inference"]["body_threshold_hu"] = -500
+    masked = infer(volume, _model_from(tmp_path / "masked", data))
+    data["inference"]["body_threshold_hu"] = None
+    unmasked = infer(volume, _model_from(tmp_path / "unmasked", data))
+    assert unmasked.body is None and masked.body is not None
+    outside = map_to_source(masked.body.float(), masked.grid) < 0.5
+    assert unmasked.label_map[outside].any() and not masked.label_map[outside].any()
+    for lesion in masked.lesions:  # every finding is centred where the patient is
+        centre = np.linalg.solve(volume.affine, [*lesion.centre_lps, 1.0])[:3].round().astype(int)
+        assert not outside[tuple(np.clip(centre, 0, np.array(volume.array.shape) - 1))]
 
 
 def test_default_spec_is_valid_and_coded() -> None:
@@ -81,6 +168,7 @@ def test_default_spec_is_valid_and_coded() -> None:
         (lambda d: d["labels"][0]["type"].update(value=""), r"labels\.0\.type\.value"),
         (lambda d: d["preprocessing"]["intensity"]["CT"][0].update(low=2000), "low < high"),
         (lambda d: d["labels"][7].update(single_component=True), "focal .* and single_component"),
+        (lambda d: d["inference"].update(body_threshold_hu=200), r"inference\.body_threshold_hu"),
     ],
 )
 def test_bad_spec_names_the_field(change, message: str) -> None:
