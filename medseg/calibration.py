@@ -17,6 +17,8 @@ labels keep 1: their findings come from the probabilities, and their Dice on a f
 fit noisy. Only the voxels whose winner some factor on the grid could change are kept per case (a few
 per cent: borders), so a fit over dozens of cases takes seconds. The one-piece step
 (``largest_components_only``) is left out of the fit; it removes islands, which the factors hardly move.
+The body mask (``inference.body_threshold_hu``) is applied as inference applies it: outside the patient
+no factor can change the winner.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from medseg.inference import mean_probabilities
+from medseg.inference import body_on_grid, inside_body_only, mean_probabilities
 from medseg.model import Model, save_model
 from medseg.model_spec import ModelSpec
 from medseg.preprocess import map_to_source, to_model
@@ -208,8 +210,11 @@ def calibration_cases(
     for i, entry in enumerate(entries):
         volume, labels = read_labelled_case(dataset, entry)
         model_input = to_model(volume, spec)
-        mean_p = mean_probabilities(
-            model, model_input.image, samples=n, seed=spec.uncertainty.seed, device=device
+        mean_p = inside_body_only(
+            mean_probabilities(
+                model, model_input.image, samples=n, seed=spec.uncertainty.seed, device=device
+            ),
+            body_on_grid(volume, model_input.grid, spec),
         )
         on_source = torch.stack(
             [torch.from_numpy(map_to_source(channel, model_input.grid)) for channel in mean_p]

@@ -58,6 +58,7 @@ from torch import nn
 
 from dicom_io.ai_result import LesionFinding
 from dicom_io.reader import read_volume
+from dicom_io.volume import ImageVolume
 from medseg.model_spec import ModelSpec, PreprocessingSpec
 from medseg.preprocess import ModelGrid, ModelInput, pad_with_air, to_model
 from medseg.synth.dataset import Split, SynthDataset, load_lesions
@@ -413,7 +414,8 @@ class DetectionCase:
         )
 
 
-Guide = Callable[[ModelInput], torch.Tensor]  # a model input -> the segmentation's (X, Y, Z) probability
+# a volume and its model input -> the segmentation's (X, Y, Z) probability on the model grid
+Guide = Callable[[ImageVolume, ModelInput], torch.Tensor]
 
 
 def with_guide(model_input: ModelInput, probability: torch.Tensor) -> ModelInput:
@@ -441,9 +443,10 @@ def load_detection_cases(
     entries = dataset.split_entries(Split(split), sites)
     cases = []
     for n, entry in enumerate(entries, start=1):
-        model_input = to_model(read_volume(dataset.image_dir(entry)), model_spec)
+        volume = read_volume(dataset.image_dir(entry))
+        model_input = to_model(volume, model_spec)
         if guide is not None:
-            model_input = with_guide(model_input, guide(model_input))
+            model_input = with_guide(model_input, guide(volume, model_input))
         lesions = load_lesions(dataset.lesions(entry)).lesions
         boxes = boxes_lps_to_voxel(
             [les.min_corner_lps for les in lesions],

@@ -324,7 +324,8 @@ def mean_probabilities(
     model: Model, image: torch.Tensor, *, samples: int, seed: int, device: torch.device
 ) -> torch.Tensor:
     """The (C, X, Y, Z) Monte-Carlo mean class probabilities of an image on the model grid, as ``infer``
-    computes them: what calibration fits on and what a guided detector reads beside the image."""
+    computes them before the body mask (``inside_body_only``): what calibration fits on and what a guided
+    detector reads beside the image, both inside the body."""
     out, sampler = sample_on_grid(image, model, samples=samples, seed=seed, device=device)
     return sampler.channels.mean(out)
 

@@ -35,7 +35,7 @@ from medseg.detection import (
     train_detector,
     with_guide,
 )
-from medseg.inference import detector_findings, infer
+from medseg.inference import detector_findings, infer, inside_body_only
 from medseg.model import load_model
 from medseg.model_spec import MODELS_DIR, ModelSpec, ModelSpecError, parse_spec
 from medseg.preprocess import ModelInput, plan_grid, to_model
@@ -334,9 +334,8 @@ def test_cli_gives_a_model_a_guided_detector_whose_findings_infer_reports(tmp_pa
     model = replace(model, detector=loose)
     volume = read_volume(manifest.image_dir(manifest.manifest.cases[0]))
     prediction = infer(volume, model, samples=2, seed=5)
-    expected = detector_findings(
-        loose, to_model(volume, model.spec), prediction.mean_probabilities, samples=2, seed=5
-    )
+    guide = inside_body_only(prediction.mean_probabilities, prediction.body)  # as infer feeds it
+    expected = detector_findings(loose, to_model(volume, model.spec), guide, samples=2, seed=5)
     assert prediction.lesion_source == "detector" and prediction.lesions
     assert prediction.lesions == expected[: model.spec.review.max_lesion_findings]
     without = infer(volume, plain, samples=2, seed=5)
