@@ -33,7 +33,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from medseg.inference import body_on_grid, inside_body_only, mean_probabilities
+from medseg.inference import mean_probabilities
 from medseg.model import Model, save_model
 from medseg.model_spec import ModelSpec
 from medseg.preprocess import map_to_source, to_model
@@ -210,11 +210,8 @@ def calibration_cases(
     for i, entry in enumerate(entries):
         volume, labels = read_labelled_case(dataset, entry)
         model_input = to_model(volume, spec)
-        mean_p = inside_body_only(
-            mean_probabilities(
-                model, model_input.image, samples=n, seed=spec.uncertainty.seed, device=device
-            ),
-            body_on_grid(volume, model_input.grid, spec),
+        mean_p = mean_probabilities(
+            model, volume, model_input, samples=n, seed=spec.uncertainty.seed, device=device
         )
         on_source = torch.stack(
             [torch.from_numpy(map_to_source(channel, model_input.grid)) for channel in mean_p]

@@ -281,16 +281,14 @@ def reference_dice(
     spec: ModelSpec,
     classes: dict[str, tuple[int, ...]] = TOTALSEGMENTATOR_CLASSES,
 ) -> dict[str, float]:
-    """Dice per structure against another tool's label map on the same grid, whose class numbers for
-    each structure ``classes`` gives; NaN where neither labels the structure."""
-    scores = {}
-    for label in spec.labels:
-        if label.name not in classes:
-            continue
-        ours, theirs = label_map == label.value, np.isin(reference, classes[label.name])
-        size = int(ours.sum() + theirs.sum())
-        scores[label.name] = 2 * int((ours & theirs).sum()) / size if size else math.nan
-    return scores
+    """``dice_scores`` against another tool's label map on the same grid, whose class numbers for each
+    structure ``classes`` gives; only the structures it names."""
+    theirs = np.zeros(reference.shape, dtype=np.uint8)
+    compared = [label for label in spec.labels if label.name in classes]
+    for label in compared:
+        theirs[np.isin(reference, classes[label.name])] = label.value
+    scores = dice_scores(label_map, theirs, spec)
+    return {label.name: scores[label.name] for label in compared}
 
 
 def evaluate_prediction(

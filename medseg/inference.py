@@ -321,13 +321,22 @@ def sample_on_grid(
 
 
 def mean_probabilities(
-    model: Model, image: torch.Tensor, *, samples: int, seed: int, device: torch.device
+    model: Model,
+    volume: ImageVolume,
+    model_input: ModelInput,
+    *,
+    samples: int,
+    seed: int,
+    device: torch.device,
 ) -> torch.Tensor:
-    """The (C, X, Y, Z) Monte-Carlo mean class probabilities of an image on the model grid, as ``infer``
-    computes them before the body mask (``inside_body_only``): what calibration fits on and what a guided
-    detector reads beside the image, both inside the body."""
-    out, sampler = sample_on_grid(image, model, samples=samples, seed=seed, device=device)
-    return sampler.channels.mean(out)
+    """The (C, X, Y, Z) Monte-Carlo mean class probabilities of ``volume`` (``model_input`` on the model
+    grid) inside the body, as ``infer`` decides on them: what calibration fits on and what a guided
+    detector reads beside the image."""
+    body = body_on_grid(volume, model_input.grid, model.spec)
+    out, sampler = sample_on_grid(
+        model_input.image, model, samples=samples, seed=seed, device=device, body=body
+    )
+    return inside_body_only(sampler.channels.mean(out), body)
 
 
 def detector_findings(

@@ -41,7 +41,7 @@ from dicom_io.reader import read_volume
 from dicom_io.volume import ImageVolume, Modality
 from medseg.detection import DetectionSpec, load_detection_cases, train_detector
 from medseg.evaluation import dice_per_class
-from medseg.inference import body_on_grid, inside_body_only, mean_probabilities
+from medseg.inference import mean_probabilities
 from medseg.model import Model, ModelProvenance, load_model, save_model
 from medseg.model_spec import IntensityKind, ModelSpec, TrainingSpec
 from medseg.networks import SegmentationNet
@@ -653,9 +653,9 @@ def train_lesion_detector(
     def guide(volume: ImageVolume, model_input: ModelInput) -> torch.Tensor:
         """As ``infer`` feeds the detector: the segmentation's probability, inside the body."""
         probabilities = mean_probabilities(
-            model, model_input.image, samples=spec.samples, seed=spec.seed, device=device
+            model, volume, model_input, samples=spec.samples, seed=spec.seed, device=device
         )
-        return inside_body_only(probabilities, body_on_grid(volume, model_input.grid, model.spec))[focal[0]]
+        return probabilities[focal[0]]
 
     cases = [
         case
