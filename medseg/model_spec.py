@@ -235,6 +235,9 @@ class TrainingSpec(_Frozen):
     focal_crop_share: Probability | None = None
     focal_class_weight: Positive = 1.0
     dice_over_batch: bool = False
+    # How often each site's cases are drawn, relative to 1 for a site not named: a site whose scans are
+    # the hardest (site c's unenhanced 5 mm series) or rarest gets more of the patches than its share
+    site_weights: dict[str, Positive] = Field(default_factory=dict)
 
 
 class ModelSpec(_Frozen):

@@ -58,9 +58,8 @@ def analysis_result(prediction: Prediction, model: Model) -> AnalysisResult:
         if quantity is UncertaintyQuantity.MUTUAL_INFORMATION
         else prediction.entropy
     )
+    # the clinical-use statement is not a note: the writers say it once, from ``algorithm``
     notes = [f"{prediction.samples} Monte-Carlo samples, seed {prediction.seed}", *prediction.notes]
-    if not model.spec.for_clinical_use:
-        notes.append("not for clinical use: demonstration model trained on synthetic data")
     return AnalysisResult(
         source=prediction.source,
         label_map=prediction.label_map,

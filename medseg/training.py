@@ -331,13 +331,21 @@ def batches(
     focal_labels: Sequence[int] = (),
     windows: Sequence[tuple[float, float]] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless (image, label) batches of random patches from random cases."""
+    """Endless (image, label) batches of random patches from random cases, each case drawn with its
+    site's ``site_weights`` (uniformly, with the draws of earlier versions, when none is set)."""
+    unknown = sorted(set(training.site_weights) - {case.site for case in cases})
+    if unknown:
+        raise ValueError(f"training.site_weights: no training case from site {', '.join(unknown)}")
     rng = random.Random(seed)
+    weights = [training.site_weights.get(case.site, 1.0) for case in cases]
     transform = augmentation(training, num_classes, seed, focal_labels, windows)
     while True:
         images, labels = [], []
         for _ in range(training.batch_size):
-            case = cases[rng.randrange(len(cases))]
+            if training.site_weights:
+                case = rng.choices(cases, weights)[0]
+            else:
+                case = cases[rng.randrange(len(cases))]
             patch = transform({"image": case.image, "label": case.labels})[0]
             images.append(torch.as_tensor(patch["image"]))
             labels.append(torch.as_tensor(patch["label"]))

@@ -87,6 +87,8 @@ def print_summary(summary: RunSummary, console: Console) -> None:
         )
     for skipped in summary.skipped:
         console.print(f"  skipped {skipped['series']}: {skipped['reason']}")
+    if not summary.for_clinical_use:
+        console.print(f"{summary.model} {summary.model_version}: research use only, NOT FOR CLINICAL USE")
     console.print(
         f"summary: {Path(summary.output) / 'summary.json'}  (total {summary.seconds['total']:.1f} s)"
     )

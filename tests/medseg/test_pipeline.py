@@ -74,7 +74,9 @@ def test_run_writes_gated_objects_on_the_source_grid(tmp_path: Path) -> None:
         said = [c for c in comments if c.startswith(f"{name} needs review")]
         assert said and "outside the training data" in said[0]
     assert any(note.startswith("outside the model's training data: ") for note in written.notes)
-    assert any("not for clinical use" in note for note in written.notes)
+    # said once in the SR (a note said it a second time before), and in the summary
+    assert sum("NOT FOR CLINICAL USE" in c.upper() for c in comments) == 1
+    assert not stored["for_clinical_use"]
     assert (out / "model_spec.yaml").exists()
 
 

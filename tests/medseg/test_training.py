@@ -13,12 +13,14 @@ import yaml
 from medseg.cli import main
 from medseg.evaluation import dice_per_class
 from medseg.model import ModelProvenance, load_model, save_model
-from medseg.model_spec import MODELS_DIR, ModelSpecError, parse_spec
+from medseg.model_spec import MODELS_DIR, ModelSpecError, TrainingSpec, parse_spec
 from medseg.networks import SegmentationNet
 from medseg.synth import generate_dataset, load_site
 from medseg.training import (
     RandScannerHUd,
     RandShortScand,
+    TrainingCase,
+    batches,
     crop_ratios,
     freeze_encoder,
     initial_weights,
@@ -26,6 +28,7 @@ from medseg.training import (
     train,
     train_step,
 )
+from medseg.training_range import ScanSpacing
 from tests.medseg.tiny_model import tiny_spec_data
 
 
@@ -167,6 +170,32 @@ def test_focal_labels_get_their_crop_share_and_loss_weight() -> None:
     labels = torch.zeros(1, 1, 8, 8, 8, dtype=torch.long)
     labels[..., :2, :2, :2] = 8
     assert float(loss(logits, labels)) > float(make_loss(plain, 9, [8])(logits, labels))
+
+
+def test_site_weights_draw_a_site_more_often_and_must_name_a_training_site() -> None:
+    """Each case's image holds its site's number, so a patch says which site it was drawn from."""
+    plain = TrainingSpec(
+        patch_size=(8, 8, 8), batch_size=1, noise_std=0.0, intensity_drift=0.0, foreground_ratio=0.0
+    )
+
+    def case(site: str, value: float) -> TrainingCase:
+        labels = torch.zeros(1, 8, 8, 8)
+        labels[0, 2:6, 2:6, 2:6] = 1
+        return TrainingCase(site, site, torch.full((1, 8, 8, 8), value), labels, {}, ScanSpacing(1.0, 1.0))
+
+    cases = [case("site_a", 0.0), case("site_b", 1.0), case("site_c", 2.0)]
+
+    def drawn(training: TrainingSpec) -> list[float]:
+        stream = batches(cases, training, 2, seed=3)
+        return [float(next(stream)[0].mean()) for _ in range(600)]
+
+    uniform = drawn(plain)
+    assert 0.25 < uniform.count(2.0) / 600 < 0.42
+    weighted = drawn(plain.model_copy(update={"site_weights": {"site_c": 4.0}}))
+    assert 0.58 < weighted.count(2.0) / 600 < 0.75  # 4 of 6 shares
+    assert weighted.count(0.0) > 50 and weighted.count(1.0) > 50  # the others are still drawn
+    with pytest.raises(ValueError, match="site_weights: no training case from site site_x"):
+        next(batches(cases, plain.model_copy(update={"site_weights": {"site_x": 2.0}}), 2, seed=3))
 
 
 def test_init_from_a_model_with_fewer_input_channels_starts_from_its_predictions(tmp_path: Path) -> None:
