@@ -88,7 +88,9 @@ def print_summary(summary: RunSummary, console: Console) -> None:
     for skipped in summary.skipped:
         console.print(f"  skipped {skipped['series']}: {skipped['reason']}")
     if not summary.for_clinical_use:
-        console.print(f"{summary.model} {summary.model_version}: research use only, NOT FOR CLINICAL USE")
+        from dicom_io.provenance import NOT_FOR_CLINICAL_USE  # highdicom: not at start-up
+
+        console.print(f"{summary.model} {summary.model_version}: research use only, {NOT_FOR_CLINICAL_USE}")
     console.print(
         f"summary: {Path(summary.output) / 'summary.json'}  (total {summary.seconds['total']:.1f} s)"
     )
