@@ -83,9 +83,9 @@ def _variant_naive(series: Path, model_name: str, samples: int, out: Path) -> di
         SpatialResample,
     )
 
-    from medseg.inference import decision_scores
+    from medseg.inference import borders_by_intensity, decision_scores
     from medseg.model import load_model
-    from medseg.preprocess import enclosed_body
+    from medseg.preprocess import RuledScores, enclosed_body
 
     model = load_model(model_name)
     spec = model.spec
@@ -134,7 +134,12 @@ def _variant_naive(series: Path, model_name: str, samples: int, out: Path) -> di
     mean = decision_scores(torch.as_tensor(probabilities / samples), spec, body)
     mean = MetaTensor(mean, affine=resampled.affine)
     back = SpatialResample(mode="bilinear")(mean, dst_affine=image.affine, spatial_size=image.shape[1:])
-    labels = torch.as_tensor(back).argmax(0).numpy().astype(np.uint8)
+    scores = torch.as_tensor(back)
+    if spec.border_rules:  # borders the spec decides by HU, on the image's own grid as medseg does
+        ruled = RuledScores.of(scores, list(spec.border_rules))
+        labels = borders_by_intensity(ruled, np.asarray(image[0], dtype=np.float32), spec)
+    else:
+        labels = scores.argmax(0).numpy().astype(np.uint8)
     t2 = time.perf_counter()
     np.save(out / "labels.npy", labels)
     np.save(out / "affine.npy", np.asarray(image.affine))  # RAS, MONAI reader axis order

@@ -30,10 +30,12 @@ from medseg.networks import set_dropout_sampling
 from medseg.preprocess import (
     ModelGrid,
     ModelInput,
+    RuledScores,
     argmax_to_source,
     body_mask,
     map_to_source,
     pad_to_roi,
+    ruled_scores_to_source,
     to_model,
 )
 from medseg.training_range import ScanSpacing, structure_intensities
@@ -262,6 +264,45 @@ def decision_scores(
     return largest_components_only(probabilities, spec.single_component_labels)
 
 
+def borders_by_intensity(
+    scores: RuledScores, intensity: npt.NDArray[np.float32], spec: ModelSpec
+) -> npt.NDArray[np.uint8]:
+    """The label map (argmax) of ``scores`` with the border of each label that has a
+    ``border_intensity`` rule decided by ``intensity`` (HU, same grid): where the label and the best
+    class without a rule both score at least the rule's band, one of the two wins and that class is
+    background or one of the rule's rivals, the label inside the rule's range and that class outside."""
+    label = scores.other.copy()
+    best = scores.other_score.copy()
+    for value, score in scores.ruled.items():
+        label[score > best] = value
+        np.maximum(best, score, out=best)
+    rules = spec.border_rules
+    for value, score in scores.ruled.items():
+        rule = rules[value]
+        rivals = [0, *(spec.label_value(name) for name in rule.rivals)]
+        unsure = (score >= rule.band) & (scores.other_score >= rule.band) & np.isin(scores.other, rivals)
+        where = np.flatnonzero(unsure & ((label == value) | (label == scores.other)))
+        hu = intensity.reshape(-1)[where]
+        inside = np.ones(hu.shape, dtype=bool)
+        if rule.min_hu is not None:
+            inside &= hu >= rule.min_hu
+        if rule.max_hu is not None:
+            inside &= hu <= rule.max_hu
+        label.reshape(-1)[where] = np.where(inside, value, scores.other.reshape(-1)[where])
+    return label
+
+
+def label_map_on_source(
+    scores: torch.Tensor, grid: ModelGrid, volume: ImageVolume, spec: ModelSpec
+) -> npt.NDArray[np.uint8]:
+    """The label map on ``volume``'s grid from decision scores on the model grid: their argmax, with
+    the spec's ``border_intensity`` rules applied where the volume is in HU."""
+    if not spec.border_rules or volume.unit is not IntensityUnit.HOUNSFIELD:
+        return argmax_to_source(scores, grid)
+    ruled = ruled_scores_to_source(scores, grid, list(spec.border_rules))
+    return borders_by_intensity(ruled, volume.array, spec)
+
+
 def body_on_grid(volume: ImageVolume, grid: ModelGrid, spec: ModelSpec) -> torch.Tensor | None:
     """The spec's body mask of ``volume`` on the model grid, or None where the spec sets no threshold."""
     threshold = spec.inference.body_threshold_hu
@@ -416,7 +457,7 @@ def infer(
         )
         log.warning("%s", notes[0])
 
-    label_map = argmax_to_source(decision_scores(mean_p, spec, body), model_input.grid)
+    label_map = label_map_on_source(decision_scores(mean_p, spec, body), model_input.grid, volume, spec)
     entropy_map = map_to_source(predictive, model_input.grid)
     mi_map = map_to_source(mutual, model_input.grid)
     np.maximum(entropy_map, 0, out=entropy_map)

@@ -69,12 +69,16 @@ class Model:
 
     @property
     def device_uid(self) -> str:
-        """From the weights' SHA-256, the decision weights where any is not 1 and the detector's weights
-        where there is one (a model without either keeps the UID it always had)."""
+        """From the weights' SHA-256, the decision weights where any is not 1, the border rules where
+        there are any and the detector's weights where there is one (a model without any of these keeps
+        the UID it always had): whatever changes the label map for the same image changes the UID."""
         weights = self.spec.decision_weights
         parts = [self.provenance.weights_sha256]
         if any(w != 1.0 for w in weights):
             parts.append(f"decision weights {weights}")
+        rules = self.spec.border_rules
+        if rules:
+            parts.append(f"border rules {sorted((v, r.model_dump_json()) for v, r in rules.items())}")
         if self.detector is not None:
             parts.append(f"detector {self.detector.provenance.weights_sha256}")
         return deterministic_uid("medseg-model-weights", *parts)

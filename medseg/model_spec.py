@@ -156,6 +156,32 @@ class CodeSpec(_Frozen):
         return Code(self.value, self.scheme, self.meaning)
 
 
+class BorderIntensitySpec(_Frozen):
+    """Where a class's border lies finer than the model grid can draw it, the voxel's own value decides.
+
+    On the source grid, in the strip where this class and its rival both score at least ``band`` (the
+    interpolation between model voxels either side of a border: about one model voxel wide), a voxel is
+    this class when its value lies in [``min_hu``, ``max_hu``] and the rival when not. Bone is the case:
+    a 3 mm grid cannot draw a rib's cortex, the CT value can (the masked threshold of 3D Slicer's
+    Segment Editor). Deeper inside or outside the strip the network decides alone. The rival is
+    background or one of the labels named in ``rivals``: against an organ that can be as bright (a
+    kidney's cortex, the aorta in the arterial phase) HU proves nothing. CT only (values in HU).
+    """
+
+    min_hu: float | None = None
+    max_hu: float | None = None
+    band: Annotated[float, Field(gt=0, lt=0.5)] = 0.05
+    rivals: tuple[str, ...] = ()  # label names, besides background
+
+    @model_validator(mode="after")
+    def _a_range(self) -> BorderIntensitySpec:
+        if self.min_hu is None and self.max_hu is None:
+            raise ValueError("border_intensity needs min_hu, max_hu or both")
+        if self.min_hu is not None and self.max_hu is not None and not self.min_hu < self.max_hu:
+            raise ValueError(f"border_intensity needs min_hu < max_hu, got {self.min_hu} and {self.max_hu}")
+        return self
+
+
 class LabelSpec(_Frozen):
     """One output class: its value in the label map and how it is coded in SEG and SR."""
 
@@ -171,6 +197,7 @@ class LabelSpec(_Frozen):
     # factor on this class's mean probability when the label map's argmax is taken (the probabilities,
     # entropy and MI reported stay the network's); fitted by ``medseg calibrate`` (medseg.calibration)
     decision_weight: Positive = 1.0
+    border_intensity: BorderIntensitySpec | None = None  # CT: its border decided by HU where unsure
 
 
 class Stochastic(StrEnum):
@@ -266,6 +293,18 @@ class ModelSpec(_Frozen):
         """Per output channel (background first, always 1) the factor applied before the argmax."""
         return (1.0, *(label.decision_weight for label in self.labels))
 
+    def label_value(self, name: str) -> int:
+        """The value of the label called ``name``."""
+        for label in self.labels:
+            if label.name == name:
+                return label.value
+        raise KeyError(f"no label {name!r} (labels: {', '.join(label.name for label in self.labels)})")
+
+    @property
+    def border_rules(self) -> dict[int, BorderIntensitySpec]:
+        """Per label value, the rule that decides its border by HU (``medseg.inference``)."""
+        return {label.value: label.border_intensity for label in self.labels if label.border_intensity}
+
     @property
     def focal_labels(self) -> tuple[int, ...]:
         """Values of the lesion-like labels (reported as findings too, weighted in training)."""
@@ -289,6 +328,15 @@ class ModelSpec(_Frozen):
         both = [label.name for label in self.labels if label.focal and label.single_component]
         if both:
             raise ValueError(f"labels {both} are focal (many findings) and single_component (one organ)")
+        names = {label.name for label in self.labels}
+        for label in self.labels:
+            unknown = set(label.border_intensity.rivals if label.border_intensity else ()) - names
+            if unknown:
+                raise ValueError(
+                    f"labels {label.name}: border_intensity.rivals {sorted(unknown)} are not labels"
+                )
+        if self.border_rules and Modality.CT not in self.modalities:
+            raise ValueError("labels[].border_intensity is in HU: the spec's modalities must include CT")
         missing = set(self.modalities) - set(self.preprocessing.intensity)
         if missing:
             raise ValueError(f"preprocessing.intensity has no transform for modalities {sorted(missing)}")

@@ -13,7 +13,7 @@ noise in four. Training and inference call the same functions: no train/inferenc
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -353,19 +353,59 @@ def map_to_source(tensor: torch.Tensor, grid: ModelGrid) -> FloatArray:
     return _sample_axes(source_order, _source_positions(grid))[0].numpy()
 
 
+def _channels_on_source(probabilities: torch.Tensor, grid: ModelGrid) -> Iterator[torch.Tensor]:
+    """Each class channel of (C, X, Y, Z) model-grid probabilities interpolated onto the source grid in
+    turn (one source-sized channel at a time)."""
+    source_order = _source_axis_order(probabilities.float(), grid.ornt)
+    positions = _source_positions(grid)
+    for c in range(probabilities.shape[0]):
+        yield _sample_axes(source_order[c : c + 1].contiguous(), positions)[0]
+
+
 def argmax_to_source(probabilities: torch.Tensor, grid: ModelGrid) -> npt.NDArray[np.uint8]:
     """Label map on the source grid from (C, X, Y, Z) class probabilities on the model grid.
 
     Each class channel is interpolated onto the source grid in turn and a running maximum kept, so
     memory is three source-sized arrays however many classes there are (not C of them).
     """
-    source_order = _source_axis_order(probabilities.float(), grid.ornt)
-    positions = _source_positions(grid)
+    return ruled_scores_to_source(probabilities, grid, ()).other
+
+
+@dataclass(frozen=True)
+class RuledScores:
+    """Decision scores for labels whose border a rule may decide (``ruled``: each one's score), beside
+    the best of all other classes (``other``) and its score: what ``medseg.inference.borders_by_intensity``
+    needs, for one source-sized array per ruled label on top of an argmax's two."""
+
+    other: npt.NDArray[np.uint8]
+    other_score: FloatArray
+    ruled: dict[int, FloatArray]
+
+    @classmethod
+    def of(cls, scores: torch.Tensor, ruled: Sequence[int]) -> RuledScores:
+        """From (C, ...) scores already on the grid wanted."""
+        rest = scores.float().clone()
+        rest[list(ruled)] = -1.0
+        other_score, other = rest.max(dim=0)
+        return cls(
+            other=other.to(torch.uint8).numpy(),
+            other_score=other_score.numpy(),
+            ruled={value: scores[value].float().numpy() for value in ruled},
+        )
+
+
+def ruled_scores_to_source(probabilities: torch.Tensor, grid: ModelGrid, ruled: Sequence[int]) -> RuledScores:
+    """``RuledScores`` on the source grid from (C, X, Y, Z) scores on the model grid: each channel
+    interpolated in turn, the ``ruled`` ones kept and a running maximum over the rest (with none ruled,
+    ``other`` is the argmax)."""
     best = torch.full(grid.source_shape, -1.0)
     label = torch.zeros(grid.source_shape, dtype=torch.uint8)
-    for c in range(probabilities.shape[0]):
-        channel = _sample_axes(source_order[c : c + 1].contiguous(), positions)[0]
+    kept: dict[int, FloatArray] = {}
+    for c, channel in enumerate(_channels_on_source(probabilities, grid)):
+        if c in ruled:
+            kept[c] = channel.numpy()
+            continue
         better = channel > best
         torch.maximum(best, channel, out=best)
         label.masked_fill_(better, c)
-    return label.numpy()
+    return RuledScores(other=label.numpy(), other_score=best.numpy(), ruled=kept)

@@ -53,7 +53,7 @@ from medseg.evaluation import (
     sensitivity_at,
     wilson_interval,
 )
-from medseg.inference import Prediction, decision_scores, infer
+from medseg.inference import Prediction, decision_scores, infer, label_map_on_source
 from medseg.model import Model, load_model
 from medseg.preprocess import argmax_to_source
 from medseg.synth import ContrastPhase, SynthCase, load_site, synthesize_case
@@ -72,6 +72,14 @@ ALTERED = (*(a.value for a in Artefact), SHORT_SCAN)  # conditions made from the
 ARTERIAL_PHASE = "arterial phase"  # a clean case's patient, scanned in a phase no training site uses
 PAIRED = (*ALTERED, UNSEEN_SCANNER, ARTERIAL_PHASE)  # conditions with the same case clean to compare against
 FAILED_DICE = 0.90  # the organ target of the default model: below it a segmentation has failed
+WEIGHTS_ALL_ONE = "decision weights all 1"
+BORDERS_BY_NETWORK = "borders by the network alone"
+ABLATION_NOTES = {  # the clean cases' rows without one of the model's decision steps, and what they are
+    WEIGHTS_ALL_ONE: "Decision weights all 1: the same predictions with the label map taken from the "
+    "network's probabilities as they are, without the model's fitted decision weights (`medseg calibrate`).",
+    BORDERS_BY_NETWORK: "Borders by the network alone: the same predictions without the spec's "
+    "`border_intensity` rules (bone's border decided by HU where the model grid cannot draw it).",
+}
 REAL_CT = Path(__file__).resolve().parents[2] / "shared/data/TotalSegmentator/tests/reference_files"
 
 
@@ -135,6 +143,8 @@ def main() -> None:
     unweighted_spec = with_decision_weights(spec, {label.name: 1.0 for label in spec.labels})
     calibrated = unweighted_spec != spec
     unweighted: dict[str, list[dict[str, float]]] = {site: [] for site in TRAINING_SITES}
+    # ... and with every border left to the network, when the spec decides some by HU (their effect)
+    unruled: dict[str, list[dict[str, float]]] = {site: [] for site in TRAINING_SITES}
 
     def run(case: SynthCase, image: np.ndarray, site: str, condition: str) -> Prediction:
         started = time.perf_counter()
@@ -167,11 +177,18 @@ def main() -> None:
             case = synthesize_case(profile, args.seed, index, slices=args.slices)
             prediction = run(case, case.image, site, "clean")
             if calibrated:
-                label_map = argmax_to_source(
+                label_map = label_map_on_source(
                     decision_scores(prediction.mean_probabilities, unweighted_spec, prediction.body),
                     prediction.grid,
+                    prediction.source,
+                    unweighted_spec,
                 )
                 unweighted[site].append(dice_scores(label_map, case.labels, spec))
+            if spec.border_rules:
+                label_map = argmax_to_source(
+                    decision_scores(prediction.mean_probabilities, spec, prediction.body), prediction.grid
+                )
+                unruled[site].append(dice_scores(label_map, case.labels, spec))
             rescanned = synthesize_case(profile, args.seed, index, slices=args.slices, scanner=unseen)
             run(rescanned, rescanned.image, site, UNSEEN_SCANNER)
             arterial = synthesize_case(
@@ -206,6 +223,7 @@ def main() -> None:
                 "cases": [asdict(e) for e in evaluations],
                 "grid_ceiling": ceilings,  # per clean case: Dice of the truth through the model grid
                 "without_decision_weights": unweighted if calibrated else None,  # per clean case
+                "without_border_intensity": unruled if spec.border_rules else None,  # per clean case
                 "real_scan": real_scan,
             },
             indent=1,
@@ -219,7 +237,7 @@ def main() -> None:
             model.device_uid,
             evaluations,
             ceilings,
-            unweighted,
+            {WEIGHTS_ALL_ONE: unweighted, BORDERS_BY_NETWORK: unruled},
             [label.name for label in spec.labels if not label.focal],
             model.training_range,
             real_scan,
@@ -234,7 +252,7 @@ def _markdown(
     device_uid: str,
     evaluations: list[CaseEvaluation],
     ceilings: dict[str, list[dict[str, float]]],
-    unweighted: dict[str, list[dict[str, float]]],
+    ablations: dict[str, dict[str, list[dict[str, float]]]],
     organs: list[str],
     training_range: TrainingRange | None,
     real_scan: dict[str, Any] | None,
@@ -296,11 +314,12 @@ def _markdown(
                 + " | ".join(f"{_nanmean([e.dice[k] for e in rows]):.3f}" for k in labels)
                 + " |"
             )
-    if any(unweighted.values()):
-        every = [d for site in TRAINING_SITES for d in unweighted[site]]
-        for site, site_dice in (*((s, unweighted[s]) for s in TRAINING_SITES), ("all", every)):
+    ablations = {row: dice for row, dice in ablations.items() if any(dice.values())}
+    for row, ablated in ablations.items():
+        every = [d for site in TRAINING_SITES for d in ablated[site]]
+        for site, site_dice in (*((s, ablated[s]) for s in TRAINING_SITES), ("all", every)):
             lines.append(
-                f"| {site}, decision weights all 1 | "
+                f"| {site}, {row} | "
                 + " | ".join(f"{_nanmean([d[k] for d in site_dice]):.3f}" for k in labels)
                 + " |"
             )
@@ -320,13 +339,7 @@ def _markdown(
         "nearest-neighbour training labels lose. All, by phase: the clean cases grouped by the "
         "contrast phase they were scanned in. In the arterial phase: the same clean patients imaged in "
         "the late arterial phase, which no training site scans in. Held out: each held-out site's own "
-        "cases."
-        + (
-            " Decision weights all 1: the same predictions with the label map taken from the network's "
-            "probabilities as they are, without the model's fitted decision weights (`medseg calibrate`)."
-            if any(unweighted.values())
-            else ""
-        ),
+        "cases." + "".join(f" {ABLATION_NOTES[row]}" for row in ablations),
     ]
     source = evaluations[0].lesion_source
     sources: list[tuple[str, Callable[[CaseEvaluation], ScanFindings]]] = [(source, lambda e: e.lesions)]
@@ -554,6 +567,12 @@ def _real_scan(model: Model, samples: int | None) -> dict[str, Any] | None:
     prediction = infer(volume, model, samples=samples)
     reference = read_reference_labels(REAL_CT / "example_seg_dicom.nii.gz", volume)
     dice = reference_dice(prediction.label_map, reference, model.spec)
+    by_network = dice  # the label map without the spec's border_intensity rules
+    if model.spec.border_rules:
+        unruled = argmax_to_source(
+            decision_scores(prediction.mean_probabilities, model.spec, prediction.body), prediction.grid
+        )
+        by_network = reference_dice(unruled, reference, model.spec)
     voxel_ml = abs(float(np.linalg.det(volume.affine[:3, :3]))) / 1000
     names = {label.value: label.name for label in model.spec.labels}
     structures = [
@@ -563,6 +582,7 @@ def _real_scan(model: Model, samples: int | None) -> dict[str, Any] | None:
             "reference_ml": float(np.isin(reference, TOTALSEGMENTATOR_CLASSES[names[m.label]]).sum())
             * voxel_ml,
             "dice": dice[names[m.label]],
+            "dice_borders_by_network": by_network[names[m.label]],
             "needs_review": m.needs_review,
             "review_reasons": list(m.review_reasons),
         }
@@ -592,14 +612,15 @@ def _real_scan_lines(real_scan: dict[str, Any] | None) -> list[str]:
         "is one patient: it shows where a model trained only on synthetic studies holds on real anatomy, "
         "and whether its review flags say where it does not.",
         "",
-        "| structure | ours (mL) | TotalSegmentator (mL) | Dice | review |",
-        "|---|---|---|---|---|",
+        "| structure | ours (mL) | TotalSegmentator (mL) | Dice | Dice, borders by the network alone "
+        "| review |",
+        "|---|---|---|---|---|---|",
     ]
     for row in real_scan["structures"]:
         review = "; ".join(row["review_reasons"]) if row["needs_review"] else "-"
         lines.append(
             f"| {row['name']} | {row['volume_ml']:.1f} | {row['reference_ml']:.1f} | {row['dice']:.3f} | "
-            f"{review} |"
+            f"{row['dice_borders_by_network']:.3f} | {review} |"
         )
     lines += [
         "",

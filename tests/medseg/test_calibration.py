@@ -109,7 +109,7 @@ def test_cli_calibrates_a_trained_model_with_a_new_device_uid(tmp_path: Path) ->
     assert main(["-q", "calibrate", str(base), str(tmp_path / "nope"), "-o", str(tmp_path / "x")]) == 2
 
 
-def test_device_uid_changes_with_the_decision_weights_only() -> None:
+def test_device_uid_changes_with_the_decision_weights_and_border_rules_only() -> None:
     model = load_model(SHIPPED_DIR / "default_ct")
     assert model.device_uid == load_model(SHIPPED_DIR / "default_ct").device_uid
     bare = replace(model, detector=None)  # without a lesion detector, whose weights the UID covers too
@@ -122,3 +122,8 @@ def test_device_uid_changes_with_the_decision_weights_only() -> None:
     labels[1] = labels[1].model_copy(update={"decision_weight": labels[1].decision_weight * 0.9})
     recalibrated = replace(model, spec=model.spec.model_copy(update={"labels": tuple(labels)}))
     assert recalibrated.device_uid != model.device_uid
+    assert model.spec.border_rules  # bone's border decided by HU (default_ct 1.10.1)
+    unruled = [label.model_copy(update={"border_intensity": None}) for label in model.spec.labels]
+    assert replace(model, spec=model.spec.model_copy(update={"labels": tuple(unruled)})).device_uid != (
+        model.device_uid
+    )

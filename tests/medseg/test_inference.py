@@ -9,14 +9,16 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from scipy import ndimage
 
 from dicom_io.volume import GeometryReport, ImageVolume, IntensityUnit, Modality, SeriesContext
-from medseg.inference import infer, largest_components_only
+from medseg.inference import borders_by_intensity, infer, label_map_on_source, largest_components_only
 from medseg.model import Model, ModelProvenance, load_model, save_model
 from medseg.model_spec import MODELS_DIR, ModelSpecError, Stochastic, load_spec, parse_spec
 from medseg.networks import SegmentationNet, set_dropout_sampling
 from medseg.preprocess import (
     ModelGrid,
+    RuledScores,
     _model_axis_order,
     _model_positions,
     _sample_axes,
@@ -169,6 +171,14 @@ def test_default_spec_is_valid_and_coded() -> None:
         (lambda d: d["preprocessing"]["intensity"]["CT"][0].update(low=2000), "low < high"),
         (lambda d: d["labels"][7].update(single_component=True), "focal .* and single_component"),
         (lambda d: d["inference"].update(body_threshold_hu=200), r"inference\.body_threshold_hu"),
+        (lambda d: d["labels"][6].update(border_intensity={}), r"labels\.6\.border_intensity"),
+        (lambda d: d["labels"][6].update(border_intensity={"min_hu": 300, "max_hu": 200}), "min_hu < max_hu"),
+        (lambda d: d["labels"][6].update(border_intensity={"min_hu": 200, "band": 0.5}), "band"),
+        (lambda d: d.update(modalities=["MR"]), "border_intensity is in HU"),
+        (
+            lambda d: d["labels"][6]["border_intensity"].update(rivals=["Lungs"]),
+            r"\['Lungs'\] are not labels",
+        ),
     ],
 )
 def test_bad_spec_names_the_field(change, message: str) -> None:
@@ -544,3 +554,75 @@ def test_stray_island_of_a_single_component_organ_goes_to_the_next_class() -> No
     assert (winner == 3).sum() == 16
     assert torch.equal(probabilities[1, 9, 9, 9], torch.tensor(0.9))  # the caller's tensor is untouched
     assert largest_components_only(probabilities, ()) is probabilities
+
+
+def _dice(prediction: np.ndarray, truth: np.ndarray) -> float:
+    return float(2 * np.sum(prediction & truth) / (np.sum(prediction) + np.sum(truth)))
+
+
+def test_bone_border_decided_by_hu_draws_a_rib_the_model_grid_cannot() -> None:
+    """A 5 mm rib (600 HU) and a vertebral body (600 HU cortex around 150 HU marrow) in soft tissue,
+    scored as a well-trained network would score them on default_ct's 3 mm grid (the share of each model
+    voxel that is bone): the argmax alone draws the rib blocky; with the spec's bone rule the source
+    voxels' HU draws it. A bright vessel (300 HU) away from bone and the marrow deep inside the vertebra
+    keep the network's decision, and a volume not in HU gets the plain argmax."""
+    spec = load_spec(DEFAULT_SPEC)
+    bone = next(label.value for label in spec.labels if label.name == "Bone")
+    assert spec.border_rules[bone].min_hu == 200
+    affine = np.array([[0, 0, -0.7, 60.0], [0, -0.7, 0, 40.0], [-1.0, 0, 0, 30.0], [0, 0, 0, 1.0]])
+    slices, rows, cols = np.mgrid[0:40, 0:80, 0:80].astype(np.float64)
+    rib = (slices - 20.3) ** 2 + ((rows - 20.4) * 0.7) ** 2 <= 2.5**2  # along the columns
+    axial = ((rows - 58) * 0.7) ** 2 + ((cols - 40) * 0.7) ** 2  # a vertebra along the slices
+    vertebra, marrow = axial <= 12.0**2, axial <= 9.0**2
+    vessel = ((rows - 40) * 0.7) ** 2 + ((cols - 70) * 0.7) ** 2 <= 3.0**2  # along the slices, 10 mm clear
+    truth = rib | vertebra
+    hu = np.where(truth, 600.0, 40.0)
+    hu[marrow] = 150.0
+    hu[vessel] = 300.0
+    volume = _ct(hu, affine)
+    grid = plan_grid(hu.shape, affine, spec)
+    share = ndimage.uniform_filter(truth.astype(np.float32), size=(3, 4, 4))  # 3 mm boxes
+    on_grid = _model_axis_order(
+        _sample_axes(torch.from_numpy(share)[None], _model_positions(grid)), grid.ornt
+    )[0]
+    scores = torch.zeros(spec.num_classes, *grid.shape)
+    scores[0] = 1.0 - on_grid
+    scores[bone] = on_grid
+    plain = argmax_to_source(scores, grid) == bone
+    ruled = label_map_on_source(scores, grid, volume, spec) == bone
+    assert _dice(ruled & ~vertebra, rib) > 0.95 > _dice(plain & ~vertebra, rib) + 0.1
+    assert _dice(ruled, truth) > _dice(plain, truth)
+    assert not (ruled & vessel).any()
+    deep = axial <= 7.0**2  # marrow more than a model voxel and a half inside: the network decides alone
+    assert ruled[deep].all() and plain[deep].all()
+    # marrow nearer the surface than that, under 200 HU, is left out (what the rule cannot know)
+    assert not ruled[marrow & ~deep].all()
+    not_hu = _ct(hu, affine, IntensityUnit.MR_STORED)
+    np.testing.assert_array_equal(
+        label_map_on_source(scores, grid, not_hu, spec), argmax_to_source(scores, grid)
+    )
+
+
+def test_border_rule_lets_hu_choose_between_a_label_and_its_rival_only_where_both_are_plausible() -> None:
+    data = _spec_data()
+    data["labels"][0]["border_intensity"] = {"max_hu": 100, "band": 0.1}  # a liver rule, to test max_hu
+    spec = parse_spec(data, "test")
+    bone, lung, spleen, liver = 7, 6, 2, 1
+    scores = torch.zeros(spec.num_classes, 8, 1, 1)
+    cases = [  # (bone, rival class, rival score, HU) -> expected label
+        (0.6, 0, 0.4, 100.0, 0),  # bone by a nose, too faint for bone: background
+        (0.3, 0, 0.7, 500.0, bone),  # background by the network, bright: bone
+        (0.99, 0, 0.01, 100.0, bone),  # inside bone (marrow): the network alone
+        (0.01, 0, 0.99, 400.0, 0),  # a bright vessel far from bone: the network alone
+        (0.4, lung, 0.6, 300.0, bone),  # the rival is lung, not background
+        (0.45, lung, 0.55, -800.0, lung),
+        (0.3, spleen, 0.7, 500.0, spleen),  # not one of bone's rivals: HU proves nothing against it
+    ]
+    for i, (bone_score, rival, rival_score, _, _) in enumerate(cases):
+        scores[bone, i] = bone_score
+        scores[rival, i] += rival_score
+    scores[liver, 7] = 0.6  # liver with background beside it: too bright for its rule
+    scores[0, 7] = 0.4
+    hu = np.array([c[3] for c in cases] + [150.0], dtype=np.float32).reshape(8, 1, 1)
+    label = borders_by_intensity(RuledScores.of(scores, list(spec.border_rules)), hu, spec)
+    assert label.ravel().tolist() == [c[4] for c in cases] + [0]
