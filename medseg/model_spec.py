@@ -165,7 +165,9 @@ class BorderIntensitySpec(_Frozen):
     a 3 mm grid cannot draw a rib's cortex, the CT value can (the masked threshold of 3D Slicer's
     Segment Editor). Deeper inside or outside the strip the network decides alone. The rival is
     background or one of the labels named in ``rivals``: against an organ that can be as bright (a
-    kidney's cortex, the aorta in the arterial phase) HU proves nothing. CT only (values in HU).
+    kidney's cortex, the aorta in the arterial phase) HU proves nothing. CT only (values in HU), and
+    only on a scan at least as fine as the model grid along every axis (not on 5 mm slices, which
+    average bone with what lies above and below it).
     """
 
     min_hu: float | None = None

@@ -51,6 +51,12 @@ class ModelGrid:
         return (float(s[0]), float(s[1]), float(s[2]))
 
     @property
+    def source_at_least_as_fine(self) -> bool:
+        """Whether a source voxel is no longer than a model voxel along every axis (the source holds
+        detail the model grid cannot draw, and no axis of it averages more than a model voxel does)."""
+        return all(step >= 1.0 - 1e-6 for step in self.index_step)
+
+    @property
     def voxel_volume_ml(self) -> float:
         return float(abs(np.linalg.det(self.affine[:3, :3]))) / 1000.0
 

@@ -565,7 +565,8 @@ def test_bone_border_decided_by_hu_draws_a_rib_the_model_grid_cannot() -> None:
     scored as a well-trained network would score them on default_ct's 3 mm grid (the share of each model
     voxel that is bone): the argmax alone draws the rib blocky; with the spec's bone rule the source
     voxels' HU draws it. A bright vessel (300 HU) away from bone and the marrow deep inside the vertebra
-    keep the network's decision, and a volume not in HU gets the plain argmax."""
+    keep the network's decision; a volume not in HU, or one coarser than the model grid, gets the plain
+    argmax."""
     spec = load_spec(DEFAULT_SPEC)
     bone = next(label.value for label in spec.labels if label.name == "Bone")
     assert spec.border_rules[bone].min_hu == 200
@@ -600,6 +601,17 @@ def test_bone_border_decided_by_hu_draws_a_rib_the_model_grid_cannot() -> None:
     not_hu = _ct(hu, affine, IntensityUnit.MR_STORED)
     np.testing.assert_array_equal(
         label_map_on_source(scores, grid, not_hu, spec), argmax_to_source(scores, grid)
+    )
+    thick = affine.copy()
+    thick[2, 0] = -5.0  # the same voxels as 5 mm slices, coarser than the 3 mm grid along one axis
+    coarse = plan_grid(hu.shape, thick, spec)
+    assert grid.source_at_least_as_fine and not coarse.source_at_least_as_fine
+    coarse_scores = torch.zeros(spec.num_classes, *coarse.shape)
+    coarse_scores[0], coarse_scores[bone] = 0.5, 0.4  # with the rule, every voxel >= 200 HU would be bone
+    plain_coarse = argmax_to_source(coarse_scores, coarse)
+    assert not (plain_coarse == bone).any()
+    np.testing.assert_array_equal(
+        label_map_on_source(coarse_scores, coarse, _ct(hu, thick), spec), plain_coarse
     )
 
 
