@@ -17,6 +17,8 @@ labels keep 1: their findings come from the probabilities, and their Dice on a f
 fit noisy. Only the voxels whose winner some factor on the grid could change are kept per case (a few
 per cent: borders), so a fit over dozens of cases takes seconds. The one-piece step
 (``largest_components_only``) is left out of the fit; it removes islands, which the factors hardly move.
+So are the border rules (``labels[].border_intensity``): they re-decide by HU the strip whose winner a
+factor would move, after the argmax.
 The body mask (``inference.body_threshold_hu``) is applied as inference applies it: outside the patient
 no factor can change the winner.
 """

@@ -277,18 +277,22 @@ def borders_by_intensity(
         label[score > best] = value
         np.maximum(best, score, out=best)
     rules = spec.border_rules
+    flat_label, other = label.reshape(-1), scores.other.reshape(-1)
     for value, score in scores.ruled.items():
         rule = rules[value]
         rivals = [0, *(spec.label_value(name) for name in rule.rivals)]
-        unsure = (score >= rule.band) & (scores.other_score >= rule.band) & np.isin(scores.other, rivals)
-        where = np.flatnonzero(unsure & ((label == value) | (label == scores.other)))
+        where = np.flatnonzero(score.reshape(-1) >= rule.band)  # a few per cent: the rest stays as it is
+        unsure = scores.other_score.reshape(-1)[where] >= rule.band
+        unsure &= np.isin(other[where], rivals)
+        unsure &= (flat_label[where] == value) | (flat_label[where] == other[where])
+        where = where[unsure]
         hu = intensity.reshape(-1)[where]
         inside = np.ones(hu.shape, dtype=bool)
         if rule.min_hu is not None:
             inside &= hu >= rule.min_hu
         if rule.max_hu is not None:
             inside &= hu <= rule.max_hu
-        label.reshape(-1)[where] = np.where(inside, value, scores.other.reshape(-1)[where])
+        flat_label[where] = np.where(inside, value, other[where])
     return label
 
 
