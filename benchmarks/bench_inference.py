@@ -135,7 +135,9 @@ def _variant_naive(series: Path, model_name: str, samples: int, out: Path) -> di
     mean = MetaTensor(mean, affine=resampled.affine)
     back = SpatialResample(mode="bilinear")(mean, dst_affine=image.affine, spatial_size=image.shape[1:])
     scores = torch.as_tensor(back)
-    if spec.border_rules:  # borders the spec decides by HU, on the image's own grid as medseg does
+    # borders the spec decides by HU, on the image's own grid as medseg does (the series' 2 mm slices are
+    # finer than the model grid, where medseg applies the rules: ``label_map_on_source``)
+    if spec.border_rules:
         ruled = RuledScores.of(scores, list(spec.border_rules))
         labels = borders_by_intensity(ruled, np.asarray(image[0], dtype=np.float32), spec)
     else:

@@ -78,7 +78,7 @@ class Model:
             parts.append(f"decision weights {weights}")
         rules = self.spec.border_rules
         if rules:
-            parts.append(f"border rules {sorted((v, r.model_dump_json()) for v, r in rules.items())}")
+            parts.append(f"border rules {[(v, r.model_dump_json()) for v, r in rules.items()]}")
         if self.detector is not None:
             parts.append(f"detector {self.detector.provenance.weights_sha256}")
         return deterministic_uid("medseg-model-weights", *parts)
